@@ -1,0 +1,788 @@
+"""
+One-time data preparation for autoresearch experiments, and the fixed runtime utilities
+(tokenizer, data loader, evaluation) that train.py and train_mlx.py import.
+
+Usage:
+    uv run prepare.py                    # download 10 training shards + the validation shard, train the tokenizer
+    uv run prepare.py --num-shards 8     # fewer shards (-1 = all)
+    uv run prepare.py --source ~/corpus  # build the cache from local files instead of the hub
+
+Data, tokenizer and token ids live in ~/.cache/autoresearch/ (AUTORESEARCH_CACHE_DIR moves it).
+Framework-neutral: batches are numpy arrays; torch or mlx is imported only inside evaluate_bpb.
+"""
+
+import os
+import re
+import sys
+import json
+import math
+import time
+import queue
+import pickle
+import hashlib
+import argparse
+import filecmp
+import threading
+from bisect import bisect_right, insort
+from collections import deque
+from itertools import zip_longest
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+
+
+class PrepareError(SystemExit):
+    """A one-line message for the user; uncaught, Python prints it to stderr and exits 1 (no traceback)."""
+
+
+def _env_int(name, default, minimum):
+    # smoke-test knobs for the tests only; a real run never sets them
+    value = os.environ.get(name)
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < minimum:
+        raise PrepareError(f"error: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+# ---------------------------------------------------------------------------
+# Constants (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+MAX_SEQ_LEN = 2048       # context length
+TIME_BUDGET = _env_int("AUTORESEARCH_TIME_BUDGET", 300, 1)  # training time budget in seconds (5 minutes)
+EVAL_TOKENS = _env_int("AUTORESEARCH_EVAL_TOKENS", 10 * 524288, MAX_SEQ_LEN)  # val tokens; one value for every chip
+SMOKE_KNOBS = [f"{k}={os.environ[k]}" for k in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")
+               if os.environ.get(k)]
+SMOKE_TEST_WARNING = (f"smoke test ({', '.join(SMOKE_KNOBS)}): val_bpb is not comparable to real runs"
+                      if SMOKE_KNOBS else None)  # the trainers print it as a `warning:` line in their summary
+
+VOCAB_SIZE = 8192
+# BPE split pattern (GPT-4 style, with \p{N}{1,2} instead of {1,3})
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = "<|reserved_0|>"
+
+MAX_SHARD = 6542 # the last datashard is shard_06542.parquet
+VAL_SHARD = MAX_SHARD  # pinned validation shard (shard_06542), never used for training
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+CACHE_DIR = os.path.abspath(os.path.expanduser(
+    os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # token ids of every shard, one folder per tokenizer
+# HF_ENDPOINT points at a hub mirror; AUTORESEARCH_DATA_URL names the folder of shards outright
+HF_ENDPOINT = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
+            or f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main").rstrip("/")
+
+DOWNLOAD_ATTEMPTS = 5
+RETRY_BACKOFF = 2.0            # seconds before the first retry, doubling after each failure
+SOURCE_SHARD_CHARS = 100_000_000  # --source: characters per training shard written
+SOURCE_VAL_CHARS = 20_000_000     # --source: at most this much text held out when no validation file is given
+ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
+RUN_PREPARE = "run `uv run prepare.py`"
+
+# ---------------------------------------------------------------------------
+# Data download
+# ---------------------------------------------------------------------------
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def check_shard(path, full=False):
+    """Why the shard at path is unusable (a string), or None if it is a readable parquet file with a
+    `text` column and >= 1 row. The footer check catches truncation; full=True also decodes every page."""
+    try:
+        pf = pq.ParquetFile(path)
+        field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
+        if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            return "no string column `text`"
+        if pf.metadata.num_rows < 1:
+            return "no rows"
+        if full:
+            for rg in range(pf.num_row_groups):
+                pf.read_row_group(rg, columns=["text"])
+    except (OSError, pa.ArrowException) as e:
+        return f"unreadable parquet: {e}"
+    return None
+
+
+def download_shard(name, base_url, backoff, log):
+    """Stream one shard to name.tmp, verify it, rename it into place. Returns True on success."""
+    path = os.path.join(DATA_DIR, name)
+    tmp_path = path + ".tmp"
+    url = f"{base_url}/{name}"
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with requests.get(url, stream=True, timeout=30) as response:
+                response.raise_for_status()
+                with open(tmp_path, "wb") as f:
+                    for chunk in response.iter_content(chunk_size=1024 * 1024):
+                        f.write(chunk)
+            problem = check_shard(tmp_path, full=True)
+            if problem is not None:
+                raise ValueError(problem)
+            os.replace(tmp_path, path)  # atomic: a shard on disk is always a complete one
+            return True
+        except (requests.RequestException, OSError, ValueError) as e:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            permanent = status is not None and 400 <= status < 500 and status != 429  # e.g. 404: retrying won't help
+            if attempt == DOWNLOAD_ATTEMPTS or permanent:
+                log(f"  {name}: failed after {attempt} attempt(s): {e}")
+                return False
+            delay = backoff * 2 ** (attempt - 1)
+            log(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
+            time.sleep(delay)
+
+
+def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RETRY_BACKOFF):
+    """Download training shards 0..num_shards-1 + the pinned validation shard; verify what is already there."""
+    os.makedirs(DATA_DIR, exist_ok=True)
+    names = [shard_name(i) for i in range(min(num_shards, MAX_SHARD))] + [VAL_FILENAME]
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run; restarted from scratch below
+    missing = []
+    for name in names:
+        path = os.path.join(DATA_DIR, name)
+        if os.path.exists(path):
+            problem = check_shard(path)
+            if problem is None:
+                continue
+            print(f"Data: {name} on disk is corrupt ({problem}); fetching it again")
+            os.remove(path)
+        missing.append(name)
+    if not missing:
+        print(f"Data: all {len(names)} shards ready at {DATA_DIR}")
+        return
+
+    print(f"Data: downloading {len(missing)} shards ({len(names) - len(missing)} already verified) from {base_url}")
+    todo, lock = queue.Queue(), threading.Lock()
+    for name in missing:
+        todo.put(name)
+    done, nbytes, t0 = 0, 0, time.time()
+
+    def log(line):
+        with lock:
+            print(line, flush=True)
+
+    def worker():
+        nonlocal done, nbytes
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            ok = download_shard(name, base_url, backoff, log)
+            with lock:
+                done += 1
+                nbytes += os.path.getsize(os.path.join(DATA_DIR, name)) if ok else 0
+                mb = nbytes / 1e6
+                print(f"  [{done}/{len(missing)}] {name} {'ok' if ok else 'FAILED'} "
+                      f"({mb:.1f} MB so far, {mb / max(time.time() - t0, 1e-9):.1f} MB/s)", flush=True)
+
+    # daemon threads: Ctrl-C ends the process at once; the next run resumes from the verified shards
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(download_workers, len(missing))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
+    ready = len(names) - len(failed)
+    if failed:
+        raise PrepareError(f"Data: {ready}/{len(names)} shards ready; failed: {', '.join(failed)} "
+                           f"(rerun to retry)")
+    print(f"Data: {ready}/{len(names)} shards ready at {DATA_DIR}")
+
+# ---------------------------------------------------------------------------
+# Local data (--source): any corpus as climbmix-format shards
+# ---------------------------------------------------------------------------
+
+SOURCE_HELP = """a folder (or one file) of .parquet files with a `text` column, .jsonl files (one JSON object
+per line, field `text`) or .txt files (documents separated by blank lines or by a line <|endoftext|>),
+read in sorted path order. Files named shard_06542.parquet or with val/valid/validation as a word in
+their path (e.g. valid.txt, val/part-0.jsonl) become the validation shard; without any, the last
+documents (10%% of the text, at most 20M characters) are held out. Written to the cache as
+shard_00000.parquet... + shard_06542.parquet."""
+SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so a plain run downloads nothing
+VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
+
+
+def source_files(source):
+    if os.path.isfile(source):
+        return [source]
+    if not os.path.isdir(source):
+        raise PrepareError(f"error: --source {source}: no such file or folder")
+    found = []
+    for root, dirs, files in os.walk(source):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if f.endswith((".parquet", ".jsonl", ".txt"))]
+    if not found:
+        raise PrepareError(f"error: --source {source}: no .parquet, .jsonl or .txt files")
+    return sorted(found)
+
+
+def source_documents(path):
+    """Yield the non-empty documents of one source file."""
+    if path.endswith(".parquet"):
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise PrepareError(f"error: {path}: no `text` column")
+        for rg in range(pf.num_row_groups):
+            yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line).get("text")
+                except (ValueError, AttributeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise PrepareError(f"error: {path}:{lineno}: not a JSON object with a string field `text`")
+                if text:
+                    yield text
+    else:
+        with open(path, encoding="utf-8") as f:
+            block = []
+            for line in f:
+                if line.strip() and line.strip() != "<|endoftext|>":
+                    block.append(line)
+                elif block:
+                    yield "".join(block).rstrip("\n")
+                    block = []
+            if block:
+                yield "".join(block).rstrip("\n")
+
+
+def write_shard(name, docs):
+    """Write docs as DATA_DIR/name in row groups of ROW_GROUP_DOCS; keep the old file if the bytes are
+    identical, so rerunning --source on the same corpus retrains nothing. Returns True if it changed."""
+    path = os.path.join(DATA_DIR, name)
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(path + ".tmp", schema, compression="zstd") as writer:
+        for i in range(0, len(docs), ROW_GROUP_DOCS):
+            writer.write_table(pa.table({"text": docs[i:i + ROW_GROUP_DOCS]}, schema=schema))
+    if os.path.exists(path) and filecmp.cmp(path + ".tmp", path, shallow=False):
+        os.remove(path + ".tmp")
+        return False
+    os.replace(path + ".tmp", path)
+    return True
+
+
+def build_from_source(source):
+    """Write the documents of a local corpus into DATA_DIR as training shards + the validation shard."""
+    files = source_files(source)
+    relative = {f: os.path.relpath(f, source) if os.path.isdir(source) else os.path.basename(f) for f in files}
+    val_files = [f for f in files if os.path.basename(f) == VAL_FILENAME or VAL_NAME.search(relative[f])]
+    train_files = [f for f in files if f not in val_files]
+    if not train_files:
+        raise PrepareError(f"error: --source {source}: only validation files, nothing to train on")
+    os.makedirs(DATA_DIR, exist_ok=True)
+    existing = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")]
+    if existing and not os.path.exists(os.path.join(DATA_DIR, SOURCE_MARKER)):
+        raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
+                           f"to another folder to use --source")
+
+    def train_docs():
+        for f in train_files:
+            yield from source_documents(f)
+
+    n_train = None  # every training-file document is for training...
+    if not val_files:  # ...unless validation must come from their tail: count it out first
+        lengths = [len(d) for d in train_docs()]
+        budget = min(sum(lengths) // 10, SOURCE_VAL_CHARS)
+        n_train, held_out = len(lengths) - 1, lengths[-1] if lengths else 0
+        while held_out < budget and n_train > 1:
+            n_train -= 1
+            held_out += lengths[n_train]
+        if n_train < 1:
+            raise PrepareError(f"error: --source {source}: need at least 2 documents (training + validation)")
+    print(f"Source: reading {len(files)} files from {source}")
+
+    written, changed, shard, chars, val_docs = [], 0, [], 0, []
+    for i, doc in enumerate(train_docs()):
+        if n_train is not None and i >= n_train:
+            val_docs.append(doc)
+            continue
+        shard.append(doc)
+        chars += len(doc)
+        if chars >= SOURCE_SHARD_CHARS:
+            written.append(shard_name(len(written)))
+            changed += write_shard(written[-1], shard)
+            shard, chars = [], 0
+    if shard:
+        written.append(shard_name(len(written)))
+        changed += write_shard(written[-1], shard)
+    for f in val_files:
+        val_docs.extend(source_documents(f))
+    if not written or not val_docs:
+        raise PrepareError(f"error: --source {source}: no documents for {'training' if not written else 'validation'}")
+    changed += write_shard(VAL_FILENAME, val_docs)
+    written.append(VAL_FILENAME)
+    for stale in set(existing) - set(written):
+        os.remove(os.path.join(DATA_DIR, stale))
+    with open(os.path.join(DATA_DIR, SOURCE_MARKER), "w") as f:
+        json.dump({"source": os.path.abspath(source)}, f)
+    print(f"Source: {len(written) - 1} training shards + validation shard ({len(val_docs):,} documents) "
+          f"ready at {DATA_DIR} ({changed} written, {len(written) - changed} unchanged)")
+
+# ---------------------------------------------------------------------------
+# Tokenizer training
+# ---------------------------------------------------------------------------
+
+TOKENIZER_RECORD = "trained_on.json"  # what the tokenizer was trained on; written last, so it also marks "complete"
+
+
+def list_parquet_files():
+    """Return sorted list of parquet file paths in the data directory."""
+    if not os.path.isdir(DATA_DIR):
+        return []
+    files = sorted(f for f in os.listdir(DATA_DIR) if f.endswith(".parquet"))
+    return [os.path.join(DATA_DIR, f) for f in files]
+
+
+def data_shards():
+    """(training shard paths, validation shard path), or a one-line error saying what is missing."""
+    paths = list_parquet_files()
+    if not paths:
+        raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
+    val_path = os.path.join(DATA_DIR, VAL_FILENAME)
+    train_paths = [p for p in paths if p != val_path]
+    if not train_paths:
+        raise PrepareError(f"error: no training shards in {DATA_DIR}: {RUN_PREPARE}")
+    if val_path not in paths:
+        raise PrepareError(f"error: validation shard {VAL_FILENAME} missing from {DATA_DIR}: {RUN_PREPARE}")
+    return train_paths, val_path
+
+
+def shard_identity(path):
+    st = os.stat(path)
+    return [os.path.basename(path), st.st_size, st.st_mtime_ns]
+
+
+def text_iterator(parquet_paths, record, max_chars=1_000_000_000, doc_cap=10_000):
+    """Yield training documents (capped at doc_cap characters) until max_chars; note in record which shards
+    were read and whether the text ran out before max_chars."""
+    nchars = 0
+    record.update(shards=[], complete=False)
+    for filepath in parquet_paths:
+        record["shards"].append(shard_identity(filepath))
+        print(f"  reading {os.path.basename(filepath)} ({nchars / 1e6:.0f}M/{max_chars / 1e6:.0f}M characters)",
+              flush=True)
+        pf = pq.ParquetFile(filepath)
+        for rg_idx in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist():
+                doc = text[:doc_cap]
+                nchars += len(doc)
+                yield doc
+                if nchars >= max_chars:
+                    return
+    record["complete"] = True
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def tokenizer_staleness(train_paths):
+    """Why the tokenizer must be (re)trained, or None if it was trained on exactly the text it would read now."""
+    record = read_json(os.path.join(TOKENIZER_DIR, TOKENIZER_RECORD))
+    files = ["tokenizer.pkl", "token_bytes.npy"]
+    if record is None or not all(os.path.exists(os.path.join(TOKENIZER_DIR, f)) for f in files):
+        return "no tokenizer yet" if record is None else "tokenizer files missing"
+    if (record.get("vocab_size"), record.get("pattern")) != (VOCAB_SIZE, SPLIT_PATTERN):
+        return "tokenizer settings changed"
+    current = [shard_identity(p) for p in train_paths]
+    if not record["complete"]:  # training stopped at max_chars: later shards were never read
+        current = current[:len(record["shards"])]
+    for old, new in zip_longest(record["shards"], current):
+        if old != new:
+            return f"training shards changed since the tokenizer was trained ({(new or old)[0]})"
+    return None
+
+
+def train_tokenizer():
+    """Train BPE tokenizer using rustbpe, save as tiktoken pickle; skipped when up to date."""
+    train_paths, _ = data_shards()
+    reason = tokenizer_staleness(train_paths)
+    if reason is None:
+        print(f"Tokenizer: up to date at {TOKENIZER_DIR}")
+        return
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    record_path = os.path.join(TOKENIZER_DIR, TOKENIZER_RECORD)
+    if os.path.exists(record_path):
+        os.remove(record_path)  # an interrupted retrain must not look complete
+    print(f"Tokenizer: {reason}; training BPE tokenizer on {len(train_paths)} training shards...")
+    t0 = time.time()
+
+    tokenizer = rustbpe.Tokenizer()
+    vocab_size_no_special = VOCAB_SIZE - len(SPECIAL_TOKENS)
+    record = {"vocab_size": VOCAB_SIZE, "pattern": SPLIT_PATTERN}
+    tokenizer.train_from_iterator(text_iterator(train_paths, record), vocab_size_no_special, pattern=SPLIT_PATTERN)
+
+    # Build tiktoken encoding from trained merges
+    mergeable_ranks = {bytes(k): v for k, v in tokenizer.get_mergeable_ranks()}
+    if len(mergeable_ranks) != vocab_size_no_special:
+        raise PrepareError(f"error: the training text is too small: the tokenizer learned {len(mergeable_ranks)} "
+                           f"of {vocab_size_no_special} tokens; add more text")
+    special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=tokenizer.get_pattern(),
+                            mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+    test = "Hello world! Numbers: 123. Unicode: 你好"
+    decoded = enc.decode(enc.encode_ordinary(test))
+    if decoded != test:
+        raise PrepareError(f"error: tokenizer roundtrip failed: {test!r} -> {decoded!r}")
+    with open(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), "wb") as f:
+        pickle.dump(enc, f)
+    print(f"Tokenizer: trained in {time.time() - t0:.1f}s, sanity check passed (vocab_size={enc.n_vocab})")
+
+    # token_bytes for BPB: 0 for specials, else the UTF-8 length of the token's decoded text
+    special_set = set(SPECIAL_TOKENS)
+    token_bytes = [0 if (s := enc.decode([i])) in special_set else len(s.encode("utf-8")) for i in range(enc.n_vocab)]
+    np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), np.array(token_bytes, dtype=np.int32))
+    write_json(record_path, record)
+
+# ---------------------------------------------------------------------------
+# Token cache: tokenize every shard once, so training reads token ids instead of text
+# ---------------------------------------------------------------------------
+
+def token_cache_dir(tokenizer):
+    return os.path.join(TOKENS_DIR, tokenizer.fingerprint[:16])
+
+
+def token_files(cache_dir, parquet_name):
+    stem = os.path.join(cache_dir, parquet_name[:-len(".parquet")])
+    return stem + ".tokens.npy", stem + ".offsets.npy"
+
+
+def tokenize_shard(path, tokenizer):
+    """All documents of a shard, BOS-prepended: (uint16 token ids, int64 document offsets, documents per row group)."""
+    bos = tokenizer.get_bos_token_id()
+    pf = pq.ParquetFile(path)
+    parts, lengths, row_groups = [], [], []
+    for rg in range(pf.num_row_groups):
+        texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+        row_groups.append(len(texts))
+        for i in range(0, len(texts), 1024):  # bounded batches: token lists of Python ints are ~36 bytes a token
+            for ids in tokenizer.encode(texts[i:i + 1024], prepend=bos, num_threads=os.cpu_count() or 8):
+                parts.append(np.array(ids, dtype=np.uint16))
+                lengths.append(len(ids))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.concatenate(parts), offsets, row_groups
+
+
+def is_tokenized(manifest, cache_dir, path):
+    """Whether the manifest has token ids for this very shard file (same name, size and mtime) and they are on disk."""
+    entry = manifest["shards"].get(os.path.basename(path))
+    return (entry is not None and entry["identity"] == shard_identity(path)
+            and all(os.path.exists(f) for f in token_files(cache_dir, os.path.basename(path))))
+
+
+def tokenize_data():
+    """Store the token ids of every shard for the current tokenizer; shards already done are skipped."""
+    tokenizer = Tokenizer.from_directory()
+    cache_dir = token_cache_dir(tokenizer)
+    os.makedirs(cache_dir, exist_ok=True)
+    for old in os.listdir(TOKENS_DIR):
+        if os.path.join(TOKENS_DIR, old) != cache_dir:
+            print(f"Tokens: removing the token cache of an older tokenizer ({old})")
+            for f in os.listdir(os.path.join(TOKENS_DIR, old)):
+                os.remove(os.path.join(TOKENS_DIR, old, f))
+            os.rmdir(os.path.join(TOKENS_DIR, old))
+    manifest_path = os.path.join(cache_dir, "manifest.json")
+    manifest = read_json(manifest_path)
+    if manifest is None or manifest.get("tokenizer") != tokenizer.fingerprint:
+        manifest = {"tokenizer": tokenizer.fingerprint, "shards": {}}
+    paths = list_parquet_files()
+    names = {os.path.basename(p) for p in paths}
+    for name in set(manifest["shards"]) - names:  # shards no longer in the data folder
+        del manifest["shards"][name]
+    for f in os.listdir(cache_dir):  # token files of removed shards, and leftovers of an interrupted run
+        if f.endswith(".tmp") or (f.endswith(".npy") and f.split(".")[0] + ".parquet" not in names):
+            os.remove(os.path.join(cache_dir, f))
+    todo = [p for p in paths if not is_tokenized(manifest, cache_dir, p)]
+    if not todo:
+        print(f"Tokens: all {len(paths)} shards already tokenized at {cache_dir}")
+        return
+    print(f"Tokens: tokenizing {len(todo)} shards ({len(paths) - len(todo)} already done)...")
+    total, t0 = 0, time.time()
+    for k, path in enumerate(todo, 1):
+        name, identity = os.path.basename(path), shard_identity(path)
+        tokens, offsets, row_groups = tokenize_shard(path, tokenizer)
+        for dst, array in zip(token_files(cache_dir, name), (tokens, offsets)):
+            with open(dst + ".tmp", "wb") as f:
+                np.save(f, array)
+            os.replace(dst + ".tmp", dst)
+        manifest["shards"][name] = {"identity": identity, "row_groups": row_groups, "num_tokens": len(tokens)}
+        write_json(manifest_path, manifest)
+        total += len(tokens)
+        print(f"  [{k}/{len(todo)}] {name}: {len(tokens) / 1e6:.2f}M tokens "
+              f"({total / 1e6 / max(time.time() - t0, 1e-9):.1f}M tokens/s)", flush=True)
+    print(f"Tokens: {len(paths)} shards tokenized at {cache_dir}")
+
+
+# ---------------------------------------------------------------------------
+# Runtime utilities (imported by train.py and train_mlx.py)
+# ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """Minimal tokenizer wrapper. Training is handled above."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+        # identifies the merges: the token cache is keyed by it, so a retrained tokenizer never reads stale ids
+        state = enc.__getstate__()
+        h = hashlib.sha256(state["pat_str"].encode())
+        for table in (state["mergeable_ranks"], state["special_tokens"]):
+            for token, rank in sorted(table.items(), key=lambda kv: kv[1]):
+                h.update(b"%d:%d:" % (rank, len(token)) + (token if isinstance(token, bytes) else token.encode()))
+        self.fingerprint = h.hexdigest()
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
+        if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
+            if not list_parquet_files():
+                raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
+            raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
+        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+            enc = pickle.load(f)
+        if enc.n_vocab != VOCAB_SIZE:
+            raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
+                               f"{RUN_PREPARE}")
+        return cls(enc)
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        if prepend is not None and not isinstance(prepend, int):
+            raise TypeError(f"prepend must be an int token id, got {type(prepend)}")
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            if prepend is not None:
+                ids.insert(0, prepend)
+        elif isinstance(text, list):
+            ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            if prepend is not None:
+                for row in ids:
+                    row.insert(0, prepend)
+        else:
+            raise ValueError(f"Invalid input type: {type(text)}")
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes():
+    """int32 array: the UTF-8 byte length of every token id (0 for special tokens)."""
+    path = os.path.join(TOKENIZER_DIR, "token_bytes.npy")
+    if not os.path.exists(path):
+        raise PrepareError(f"error: no tokenizer in {TOKENIZER_DIR}: {RUN_PREPARE}")
+    return np.load(path)
+
+
+def _token_shards(tokenizer, split):
+    """The token files of the split's shards, after checking that every shard was tokenized by this tokenizer."""
+    train_paths, val_path = data_shards()
+    cache_dir = token_cache_dir(tokenizer)
+    manifest = read_json(os.path.join(cache_dir, "manifest.json"))
+    if manifest is None or manifest.get("tokenizer") != tokenizer.fingerprint:
+        raise PrepareError(f"error: the tokenizer does not match the data (no token ids for it in {TOKENS_DIR}): "
+                           f"{RUN_PREPARE}")
+    for path in train_paths + [val_path]:
+        if not is_tokenized(manifest, cache_dir, path):
+            raise PrepareError(f"error: {os.path.basename(path)} changed or was never tokenized with this tokenizer: "
+                               f"{RUN_PREPARE}")
+    paths = train_paths if split == "train" else [val_path]
+    return [(*token_files(cache_dir, os.path.basename(p)), manifest["shards"][os.path.basename(p)]["row_groups"])
+            for p in paths]
+
+
+def _document_batches(token_shards, tokenizer_batch_size=128):
+    """Infinite iterator over (tokens, document offsets, epoch), in the original's batches of 128 documents
+    that never straddle a row group."""
+    epoch = 1
+    while True:
+        for tokens_path, offsets_path, row_groups in token_shards:
+            tokens = np.asarray(np.load(tokens_path, mmap_mode="r"))  # plain ndarray view: slicing a memmap is slow
+            offsets = np.load(offsets_path).tolist()
+            first = 0
+            for n_docs in row_groups:
+                for i in range(first, first + n_docs, tokenizer_batch_size):
+                    yield tokens, offsets[i:min(i + tokenizer_batch_size, first + n_docs) + 1], epoch
+                first += n_docs
+        epoch += 1
+
+
+def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
+    """
+    BOS-aligned dataloader with best-fit packing, yielding (inputs, targets, epoch): int64 numpy arrays (B, T).
+    Every row starts with BOS. Documents packed using best-fit to minimize cropping: the largest buffered document
+    that fits entirely goes next; when none fits, the shortest is cropped to fill the row exactly (ties: the earliest
+    buffered). 100% utilization (no padding). The rows are the original's, which tokenized on the fly and scanned
+    the whole buffer per pick; here the ids come from the token cache and the buffer is kept sorted by length.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    token_shards = _token_shards(tokenizer, split)  # fail now, not at the first batch
+    row_capacity = T + 1
+
+    def batches():
+        doc_batches = _document_batches(token_shards)
+        by_length = {}  # document length -> FIFO of (tokens, start), earliest buffered first
+        lengths = []    # the distinct lengths in by_length, sorted
+        buffered = 0
+        epoch = 1
+        while True:
+            rows = np.empty((B, row_capacity), dtype=np.int64)  # fresh each batch: the caller may keep the last one
+            for row in rows:
+                pos = 0
+                while pos < row_capacity:
+                    while buffered < buffer_size:
+                        tokens, offsets, epoch = next(doc_batches)
+                        for start, end in zip(offsets, offsets[1:]):
+                            fifo = by_length.get(end - start)
+                            if fifo is None:
+                                fifo = by_length[end - start] = deque()
+                                insort(lengths, end - start)
+                            fifo.append((tokens, start))
+                        buffered += len(offsets) - 1
+
+                    remaining = row_capacity - pos
+                    i = bisect_right(lengths, remaining) - 1  # largest document that fits entirely...
+                    i = max(i, 0)                             # ...else the shortest, cropped to fill the row
+                    length = lengths[i]
+                    fifo = by_length[length]
+                    tokens, start = fifo.popleft()
+                    if not fifo:
+                        del by_length[length], lengths[i]
+                    buffered -= 1
+                    n = min(length, remaining)
+                    row[pos:pos + n] = tokens[start:start + n]
+                    pos += n
+            yield np.ascontiguousarray(rows[:, :-1]), np.ascontiguousarray(rows[:, 1:]), epoch
+
+    return batches()
+
+# ---------------------------------------------------------------------------
+# Evaluation (DO NOT CHANGE — this is the fixed metric)
+# ---------------------------------------------------------------------------
+
+def evaluate_bpb(model, tokenizer, batch_size):
+    """
+    Bits per byte (BPB): vocab size-independent evaluation metric.
+    Sums per-token cross-entropy (in nats), sums target byte lengths,
+    then converts nats/byte to bits/byte. Special tokens (byte length 0)
+    are excluded from both sums.
+    Uses fixed MAX_SEQ_LEN and EVAL_TOKENS // MAX_SEQ_LEN validation rows, whatever batch_size is,
+    so results are comparable across configs. Works for a PyTorch or an MLX model called as
+    model(x, y, reduction="none") -> per-token losses (B, T).
+    """
+    token_bytes = get_token_bytes()
+    num_rows = EVAL_TOKENS // MAX_SEQ_LEN
+    # a 24 GB Mac's Metal buffer limit is ~14 GB: never hold more than ~1 GiB of float32 logits
+    chunk_rows = max(1, 2**30 // (MAX_SEQ_LEN * tokenizer.get_vocab_size() * 4))
+    torch = sys.modules.get("torch")  # an MLX user may not have torch installed: never import it here
+    if torch is not None and isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
+
+        def losses(x, y):
+            with torch.no_grad():
+                loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="none")
+            return loss.float().cpu().numpy()
+    else:
+        import mlx.core as mx
+
+        def losses(x, y):
+            loss = model(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), reduction="none")
+            mx.eval(loss)
+            return np.array(loss.astype(mx.float32))
+
+    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
+    total_nats = 0.0  # float64 on the host: the same weights give the same number twice
+    total_bytes = 0
+    rows_done = 0
+    while rows_done < num_rows:
+        x, y, _ = next(val_loader)
+        rows = min(batch_size, num_rows - rows_done)  # the last batch may be partial
+        for i in range(0, rows, chunk_rows):
+            xc, yc = x[i:min(i + chunk_rows, rows)], y[i:min(i + chunk_rows, rows)]
+            loss = losses(xc, yc).reshape(yc.shape).astype(np.float64)
+            nbytes = token_bytes[yc]
+            total_nats += float(loss[nbytes > 0].sum())
+            total_bytes += int(nbytes.sum())
+        rows_done += rows
+    return total_nats / (math.log(2) * total_bytes)
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch")
+    parser.add_argument("--num-shards", type=int, default=10, help="Number of training shards to download (default 10, -1 = all). Val shard is always pinned.")
+    parser.add_argument("--download-workers", type=int, default=8, help="Number of parallel download workers")
+    parser.add_argument("--source", metavar="PATH", help="Build the data from local files instead of downloading: "
+                        + SOURCE_HELP)
+    args = parser.parse_args()
+    if args.num_shards < 1 and args.num_shards != -1:
+        parser.error("--num-shards must be >= 1, or -1 for all")
+    if args.download_workers < 1:
+        parser.error("--download-workers must be >= 1")
+    num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
+
+    print(f"Cache directory: {CACHE_DIR}")
+    print()
+
+    # Step 1: data
+    marker = read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
+    if args.source:
+        build_from_source(args.source)
+    elif marker is not None:
+        print(f"Data: using the shards built from --source {marker['source']} (delete {DATA_DIR} to download instead)")
+    else:
+        download_data(num_shards, download_workers=args.download_workers)
+    print()
+
+    # Step 2: tokenizer, then the token ids of every shard
+    train_tokenizer()
+    tokenize_data()
+    print()
+    print("Done! Ready to train.")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun `uv run prepare.py` to resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,172 @@
+"""
+The download path against a real HTTP server on 127.0.0.1 (tests/corpus.py) with injected faults:
+HTTP 500s, connection resets, truncated and garbage bodies, corrupt files already on disk, a permanent
+failure, and a run interrupted with Ctrl-C then resumed. Every case ends with all shards verified.
+"""
+
+import filecmp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import prepare
+from corpus import ROOT, run_prepare, run_python, serve_shards, use_cache
+
+NAMES = ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_06542.parquet"]
+MIRROR_PATH = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    use_cache(monkeypatch, tmp_path / "cache")
+    return tmp_path / "cache" / "data"
+
+
+@pytest.fixture
+def server(synthetic_corpus):
+    with serve_shards(synthetic_corpus) as server:
+        yield server
+
+
+def download(server, **kwargs):
+    prepare.download_data(3, download_workers=4, base_url=server.url, backoff=0.01, **kwargs)
+
+
+def assert_all_verified(data_dir, corpus):
+    assert sorted(os.listdir(data_dir)) == NAMES  # no leftovers: no .tmp, nothing extra
+    for name in NAMES:
+        assert prepare.check_shard(str(data_dir / name), full=True) is None
+        assert filecmp.cmp(data_dir / name, os.path.join(corpus, name), shallow=False)
+
+
+def requests_for(server, name):
+    return sum(path.endswith("/" + name) for path in server.requests)
+
+
+def test_clean_download(server, data_dir, synthetic_corpus, capsys):
+    download(server)
+    out = capsys.readouterr().out
+    assert "Data: downloading 4 shards (0 already verified)" in out
+    assert "[4/4]" in out  # progress, one line a shard
+    assert out.strip().splitlines()[-1] == f"Data: 4/4 shards ready at {data_dir}"
+    assert_all_verified(data_dir, synthetic_corpus)
+    download(server)  # a rerun checks what is there and fetches nothing
+    assert capsys.readouterr().out.strip() == f"Data: all 4 shards ready at {data_dir}"
+    assert len(server.requests) == 4
+
+
+def test_retries_recover_from_server_faults(server, data_dir, synthetic_corpus, capsys):
+    server.faults.update({"shard_00000.parquet": ["500", "500"], "shard_00001.parquet": ["reset"],
+                          "shard_00002.parquet": ["truncate"], "shard_06542.parquet": ["garbage", "reset"]})
+    download(server)
+    out = capsys.readouterr().out
+    assert [requests_for(server, n) for n in NAMES] == [3, 2, 2, 3]
+    assert "shard_00000.parquet: attempt 2/5 failed (500 Server Error" in out
+    assert "shard_06542.parquet: attempt 1/5 failed (unreadable parquet" in out
+    assert "shard_00001.parquet: attempt 1/5 failed" in out and "Connection reset by peer" in out
+    assert "shard_00002.parquet: attempt 1/5 failed" in out and "IncompleteRead" in out
+    assert out.strip().splitlines()[-1] == f"Data: 4/4 shards ready at {data_dir}"
+    assert_all_verified(data_dir, synthetic_corpus)
+
+
+def test_corrupt_and_truncated_shards_on_disk_are_fetched_again(server, data_dir, synthetic_corpus, capsys):
+    data_dir.mkdir(parents=True)
+    with open(os.path.join(synthetic_corpus, "shard_00001.parquet"), "rb") as f:
+        body = f.read()
+    (data_dir / "shard_00000.parquet").write_bytes(os.urandom(5000))           # garbage
+    (data_dir / "shard_00001.parquet").write_bytes(body[:len(body) // 2])      # truncated
+    shutil.copy(os.path.join(synthetic_corpus, "shard_00002.parquet"), data_dir)  # good: kept
+    (data_dir / "shard_06542.parquet").write_bytes(b"")                          # empty
+    (data_dir / "shard_00000.parquet.tmp").write_bytes(b"partial")               # left by a killed run
+    download(server)
+    out = capsys.readouterr().out
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
+        assert f"Data: {name} on disk is corrupt" in out and requests_for(server, name) == 1
+    assert requests_for(server, "shard_00002.parquet") == 0
+    assert "(1 already verified)" in out
+    assert_all_verified(data_dir, synthetic_corpus)
+
+
+@pytest.mark.parametrize("table,problem", [
+    (pa.table({"body": ["x"]}), "no string column `text`"),
+    (pa.table({"text": [1, 2]}), "no string column `text`"),
+    (pa.table({"text": pa.array([], type=pa.string())}), "no rows"),
+])
+def test_check_shard_wants_a_text_column_and_rows(tmp_path, table, problem):
+    pq.write_table(table, tmp_path / "s.parquet")
+    assert prepare.check_shard(str(tmp_path / "s.parquet")) == problem
+
+
+def test_persistent_failure_names_the_shard_then_a_rerun_completes(server, data_dir, synthetic_corpus, capsys):
+    server.faults["shard_00001.parquet"] = ["500"] * prepare.DOWNLOAD_ATTEMPTS
+    with pytest.raises(prepare.PrepareError) as info:
+        download(server)
+    assert str(info.value) == "Data: 3/4 shards ready; failed: shard_00001.parquet (rerun to retry)"
+    assert "shard_00001.parquet: failed after 5 attempt(s)" in capsys.readouterr().out
+    assert requests_for(server, "shard_00001.parquet") == 5
+    assert sorted(os.listdir(data_dir)) == [n for n in NAMES if n != "shard_00001.parquet"]
+    download(server)  # the server has recovered
+    assert_all_verified(data_dir, synthetic_corpus)
+
+
+def test_missing_shard_fails_at_once_and_the_cli_exits_nonzero(synthetic_corpus, tmp_path, monkeypatch):
+    use_cache(monkeypatch, tmp_path / "cache")
+    partial = tmp_path / "mirror"
+    shutil.copytree(synthetic_corpus, partial)
+    (partial / "shard_00002.parquet").unlink()
+    with serve_shards(partial) as server:
+        result = run_prepare("--num-shards", "3", env={"AUTORESEARCH_DATA_URL": server.url})
+        assert requests_for(server, "shard_00002.parquet") == 1  # a 404 is not retried
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "Data: 3/4 shards ready; failed: shard_00002.parquet (rerun to retry)"
+    assert "Tokenizer" not in result.stdout  # nothing runs on incomplete data
+    with serve_shards(synthetic_corpus) as server:  # the mirror is complete again
+        download(server)
+        assert server.requests == ["/shard_00002.parquet"]
+    assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
+
+
+def test_base_url_overrides():
+    show = "import prepare; print(prepare.BASE_URL)"
+    hub = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    cases = [({}, f"https://huggingface.co/{hub}"),
+             ({"HF_ENDPOINT": "https://mirror.example/"}, f"https://mirror.example/{hub}"),
+             ({"HF_ENDPOINT": "https://mirror.example", "AUTORESEARCH_DATA_URL": "http://host/shards/"}, "http://host/shards")]
+    for env, url in cases:
+        result = run_python(show, env={"HF_ENDPOINT": "", "AUTORESEARCH_DATA_URL": "", **env})
+        assert result.stdout.strip() == url, result.stderr
+
+
+def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
+    # through HF_ENDPOINT, as with a hub mirror; the validation shard stalls halfway until we press Ctrl-C
+    env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "HF_ENDPOINT": server.url,
+           "AUTORESEARCH_DATA_URL": ""}
+    data_dir = tmp_path / "cache" / "data"
+    server.faults["shard_06542.parquet"] = ["stall"]
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (all((data_dir / n).exists() for n in NAMES[:3]) and (data_dir / "shard_06542.parquet.tmp").exists()):
+        assert proc.poll() is None and time.time() < deadline, "download did not reach the stalled shard"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.strip() == "interrupted: rerun `uv run prepare.py` to resume"
+    assert not (data_dir / "shard_06542.parquet").exists()
+    assert all(path.startswith(MIRROR_PATH) for path in server.requests)
+
+    server.release.set()
+    result = run_prepare("--num-shards", "3", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Data: downloading 1 shards (3 already verified)" in result.stdout
+    assert [requests_for(server, n) for n in NAMES] == [1, 1, 1, 2]
+    assert_all_verified(data_dir, synthetic_corpus)
+    assert "Done! Ready to train." in result.stdout
