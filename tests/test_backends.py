@@ -1,0 +1,406 @@
+"""backends/__init__.py: detection, hardware info, the memory model and tier table, peak FLOPS, device utilities.
+Macs and NVIDIA cards are faked by replacing the module's probes (_platform, _import, _run, _read_file)."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+import backends
+from conftest import ROOT
+
+GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
+TIERS = ("base", "pro", "max", "ultra")
+MEMORY_SIZES_GB = (8, 16, 18, 24, 32, 36, 48, 64, 96, 128, 192)
+
+
+def fake_torch(mps=False, cuda=False, props=None, mps_bytes=(), calls=None):
+    """A stand-in for the parts of torch that backends touches."""
+    calls = [] if calls is None else calls
+    mps_bytes = iter(mps_bytes)
+
+    def get_device_properties(i):
+        if props is None:
+            raise RuntimeError("no device")
+        return props
+    return types.SimpleNamespace(
+        backends=types.SimpleNamespace(mps=types.SimpleNamespace(is_available=lambda: mps)),
+        cuda=types.SimpleNamespace(is_available=lambda: cuda, get_device_properties=get_device_properties,
+                                   synchronize=lambda: calls.append("cuda"), max_memory_allocated=lambda: 3 * 2**30),
+        mps=types.SimpleNamespace(synchronize=lambda: calls.append("mps"),
+                                  driver_allocated_memory=lambda: next(mps_bytes)),
+    )
+
+
+def fake_mlx(metal=True):
+    return types.SimpleNamespace(metal=types.SimpleNamespace(is_available=lambda: metal))
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Configure a fake machine: machine(platform, modules={name: module}, files={path: text}); a module or file
+    not named is missing, and every command prints nothing (tests of Macs then patch _run with mac_run)."""
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+
+    def configure(platform="linux", modules=None, files=None):
+        modules, files = modules or {}, files or {}
+        monkeypatch.setattr(backends, "_platform", lambda: platform)
+        monkeypatch.setattr(backends, "_import", lambda name: modules.get(name))
+        monkeypatch.setattr(backends, "_run", lambda *args: "")
+        monkeypatch.setattr(backends, "_read_file", lambda path: files.get(path, ""))
+    return configure
+
+
+def mac_run(brand, memory_gb=16, cores=None, source="ioreg"):
+    """A fake _run for a Mac: sysctl answers per key; the GPU core count comes from `source` only."""
+    outputs = {"ioreg": f'+-o AGXAcceleratorG15X  <class AGXAccelerator>\n  |   "gpu-core-count" = {cores}\n',
+               "system_profiler": f"Graphics/Displays:\n\n    Apple M:\n\n      Total Number of Cores: {cores}\n"}
+    sysctl = {"machdep.cpu.brand_string": brand, "hw.memsize": str(memory_gb * 2**30) if memory_gb else ""}
+
+    def _run(*args):
+        if args[0] == "sysctl":
+            return sysctl[args[2]] + "\n"
+        return outputs[source] if cores is not None and args[0] == source else ""
+    return _run
+
+# ---------------------------------------------------------------------------
+# Detection: environment variable
+# ---------------------------------------------------------------------------
+
+def test_invalid_backend_is_one_line_listing_the_valid_ones(machine, monkeypatch):
+    machine()
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", "rocm")
+    with pytest.raises(SystemExit) as e:
+        backends.detect_backend()
+    assert isinstance(e.value, backends.BackendError)
+    message = str(e.value)
+    assert "\n" not in message and "'rocm'" in message
+    assert all(b in message for b in backends.BACKENDS)
+
+
+@pytest.mark.parametrize("requested, modules, platform, expected", [
+    ("mlx", {}, "darwin", "`uv sync --extra mlx`"),
+    ("mlx", {"mlx.core": fake_mlx(metal=False)}, "darwin", "mlx.core.metal.is_available() is False"),
+    ("mps", {}, "darwin", "`uv sync --extra mps`"),
+    ("mps", {"torch": fake_torch(mps=False)}, "darwin", "torch.backends.mps.is_available() is False"),
+    ("mps", {"torch": fake_torch(mps=False)}, "linux", "(MPS needs macOS)"),
+    ("cuda", {}, "linux", "`uv sync --extra mps`"),
+    ("cuda", {"torch": fake_torch(cuda=False)}, "linux",
+     "cuda requested (AUTORESEARCH_BACKEND=cuda) but torch.cuda.is_available() is False"),
+])
+def test_unusable_backend_says_why_and_how_to_install(machine, monkeypatch, requested, modules, platform, expected):
+    machine(platform, modules)
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", requested)
+    with pytest.raises(backends.BackendError) as e:
+        backends.detect_backend()
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("requested, modules, platform, expected", [
+    ("cpu", {}, "linux", "cpu"),
+    (" MLX ", {"mlx.core": fake_mlx()}, "darwin", "mlx"),
+    ("mlx", {"mlx.core": fake_mlx(metal=False)}, "linux", "mlx"),  # Linux MLX (CPU or CUDA build): only on request
+    ("mps", {"torch": fake_torch(mps=True)}, "darwin", "mps"),
+    ("cuda", {"torch": fake_torch(cuda=True)}, "linux", "cuda"),
+    ("", {"torch": fake_torch(cuda=True)}, "linux", "cuda"),  # empty means auto
+])
+def test_requested_backend_that_works_is_returned(machine, monkeypatch, requested, modules, platform, expected):
+    machine(platform, modules)
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", requested)
+    assert backends.detect_backend() == expected
+
+
+@pytest.mark.parametrize("platform, modules, expected", [
+    ("darwin", {"mlx.core": fake_mlx(), "torch": fake_torch(mps=True)}, "mlx"),
+    ("darwin", {"mlx.core": fake_mlx(metal=False), "torch": fake_torch(mps=True)}, "mps"),
+    ("darwin", {"torch": fake_torch(mps=True)}, "mps"),
+    ("darwin", {"torch": fake_torch(mps=False)}, "cpu"),
+    ("darwin", {}, "cpu"),
+    ("linux", {"torch": fake_torch(cuda=True), "mlx.core": fake_mlx()}, "cuda"),
+    ("linux", {"torch": fake_torch(cuda=False)}, "cpu"),
+    ("linux", {"mlx.core": fake_mlx()}, "cpu"),  # auto never picks MLX off a Mac
+])
+def test_auto_preference_order(machine, platform, modules, expected):
+    machine(platform, modules)
+    assert backends.detect_backend() == expected
+
+
+def test_auto_on_this_machine_is_cpu(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    assert backends.detect_backend() == "cpu"  # Linux, no GPU: the real probes, nothing faked
+
+# ---------------------------------------------------------------------------
+# Hardware info
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("generation", GENERATIONS)
+@pytest.mark.parametrize("tier", TIERS)
+def test_every_apple_chip_is_recognised(machine, monkeypatch, generation, tier):
+    brand = f"Apple {generation}" + ("" if tier == "base" else f" {tier.capitalize()}")
+    cores = backends.APPLE_GPU_CORES[generation][tier]
+    machine("darwin")
+    monkeypatch.setattr(backends, "_run", mac_run(brand, memory_gb=64, cores=cores))
+    hw = backends.get_hardware_info("mlx")
+    assert hw == {"chip": brand, "generation": generation, "tier": tier, "gpu_cores": cores,
+                  "memory_gb": 64.0, "backend": "mlx"}
+
+
+def test_gpu_cores_fall_back_to_system_profiler(machine, monkeypatch):
+    machine("darwin")
+    monkeypatch.setattr(backends, "_run", mac_run("Apple M2 Pro", cores=19, source="system_profiler"))
+    assert backends.get_hardware_info("mps")["gpu_cores"] == 19
+
+
+@pytest.mark.parametrize("brand, memory_gb, expected", [
+    ("Apple processor", 24, {"chip": "Apple processor", "generation": None, "tier": "base", "memory_gb": 24.0}),
+    ("Apple M7 Max", 256, {"generation": "M7", "tier": "max", "memory_gb": 256.0}),
+    ("", None, {"chip": "unknown", "generation": None, "tier": "base", "gpu_cores": None,
+                "memory_gb": backends.DEFAULT_MEMORY_GB}),
+    ("Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", 32, {"generation": None, "tier": "cpu", "memory_gb": 32.0}),
+])
+def test_unknown_macs_get_safe_defaults(machine, monkeypatch, brand, memory_gb, expected):
+    machine("darwin")
+    monkeypatch.setattr(backends, "_run", mac_run(brand, memory_gb=memory_gb))
+    hw = backends.get_hardware_info("cpu")
+    assert {k: hw[k] for k in expected} == expected
+
+
+def test_linux_reads_proc(machine):
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7763 64-Core Processor\n\n"
+               "processor\t: 1\n")
+    meminfo = "MemTotal:       65536000 kB\nMemFree:        1000 kB\n"
+    machine("linux", files={"/proc/cpuinfo": cpuinfo, "/proc/meminfo": meminfo})
+    hw = backends.get_hardware_info("cpu")
+    assert hw == {"chip": "AMD EPYC 7763 64-Core Processor", "generation": None, "tier": "cpu", "gpu_cores": None,
+                  "memory_gb": 65536000 / 2**20, "backend": "cpu"}
+
+
+def test_unknown_linux_machine_does_not_crash(machine):
+    machine("linux")  # no /proc files, no torch: an ARM board or a container with /proc hidden
+    hw = backends.get_hardware_info("cpu")
+    assert (hw["chip"], hw["tier"], hw["memory_gb"]) == ("unknown", "cpu", backends.DEFAULT_MEMORY_GB)
+
+
+def test_this_machine(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    hw = backends.get_hardware_info()
+    assert hw["backend"] == "cpu" and hw["tier"] == "cpu" and hw["chip"] != ""
+    assert 0.5 < hw["memory_gb"] < 4096
+
+
+def test_nvidia_via_torch(machine):
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=85_022_736_384, multi_processor_count=132)
+    machine("linux", modules={"torch": fake_torch(cuda=True, props=props)},
+            files={"/proc/meminfo": "MemTotal:       131072000 kB\n"})
+    hw = backends.get_hardware_info("cuda")
+    assert hw == {"chip": "NVIDIA H100 80GB HBM3", "generation": None, "tier": "cuda", "gpu_cores": 132,
+                  "memory_gb": 85_022_736_384 / 2**30, "backend": "cuda"}
+    assert backends.get_peak_flops(hw) == 989.5e12  # the original's H100_BF16_PEAK_FLOPS
+
+
+def test_nvidia_probe_failure_keeps_host_figures(machine):
+    machine("linux", modules={"torch": fake_torch(cuda=True, props=None)},
+            files={"/proc/meminfo": "MemTotal:       16777216 kB\n"})
+    hw = backends.get_hardware_info("cuda")
+    assert (hw["tier"], hw["memory_gb"]) == ("cpu", 16.0)
+
+# ---------------------------------------------------------------------------
+# Memory model
+# ---------------------------------------------------------------------------
+
+def test_parameter_count_matches_the_original():
+    assert backends.count_parameters(8, vocab_size=8192) == 50_332_176  # the original prints num_params_M: 50.3
+    # depth 1: d 128, one head, one value embedding: 12 d^2 + 32 + 3 * V * d + 2
+    assert backends.count_parameters(1, vocab_size=16) == 12 * 128**2 + 32 + 3 * 16 * 128 + 2
+
+
+# Peaks measured on one H100 (torch.cuda.max_memory_allocated, GiB) for a re-implementation of the original GPT,
+# V 8192, T 2048: the points backends' comments cite. The estimate must stay above each and not far above.
+CALIBRATION = [
+    # backend, depth, device_batch_size, measured GiB, how far above is still acceptable
+    ("cuda", 8, 128, 43.94, 1.15),  # compiled; the original's README: 45060.2 MiB
+    ("cuda", 8, 64, 22.26, 1.15),
+    ("cuda", 4, 128, 14.08, 1.20),
+    ("mps", 8, 16, 22.59, 1.35),    # eager, math-path attention, fp32: what MPS does on an M1
+    ("mps", 8, 8, 11.61, 1.35),
+    ("mps", 4, 8, 4.46, 1.35),
+]
+
+
+@pytest.mark.parametrize("backend, depth, batch, measured, slack", CALIBRATION)
+def test_estimate_errs_high_against_measured_peaks(backend, depth, batch, measured, slack):
+    estimate = backends.estimate_memory_gb(depth, batch, backend=backend)
+    assert measured <= estimate <= slack * measured
+
+
+def test_estimate_grows_with_size_and_eager_needs_more_than_compiled():
+    est = backends.estimate_memory_gb
+    assert est(4, 8) < est(4, 16) < est(8, 16) < est(8, 16, seq_len=4096)
+    assert est(8, 16) == est(8, 16, backend="mlx") == est(8, 16, backend="cpu")
+    assert est(8, 16, backend="cuda") < est(8, 16)
+    assert est(8, 16, vocab_size=32768) > est(8, 16)
+
+# ---------------------------------------------------------------------------
+# Tier table
+# ---------------------------------------------------------------------------
+
+def check_config(hw, fraction):
+    config = backends.suggest_hyperparameters(hw)
+    depth, batch, total = config["depth"], config["device_batch_size"], config["total_batch_size"]
+    assert depth >= 1 and batch >= 1
+    assert total % (batch * backends.MAX_SEQ_LEN) == 0
+    assert backends.estimate_memory_gb(depth, batch, backend=hw["backend"]) <= fraction * hw["memory_gb"]
+    return config
+
+
+@pytest.mark.parametrize("memory_gb", MEMORY_SIZES_GB)
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("backend", ["mps", "mlx"])
+def test_every_apple_tier_fits_half_of_memory(tier, memory_gb, backend):
+    check_config({"tier": tier, "memory_gb": memory_gb, "backend": backend, "generation": "M3"}, 0.5)
+
+
+@pytest.mark.parametrize("memory_gb", MEMORY_SIZES_GB)
+def test_cpu_fits_half_of_memory(memory_gb):
+    check_config({"tier": "cpu", "memory_gb": memory_gb, "backend": "cpu"}, 0.5)
+
+
+def test_cuda_keeps_the_original_configuration():
+    config = check_config({"tier": "cuda", "memory_gb": 80, "backend": "cuda"}, 0.85)
+    assert config == {"depth": 8, "device_batch_size": 128, "total_batch_size": 2**19}
+
+
+def test_roomy_machines_keep_their_tier_row_and_small_ones_shrink():
+    for tier in TIERS:
+        depth, batch, total = backends.TIER_DEFAULTS[tier]
+        assert backends.suggest_hyperparameters({"tier": tier, "memory_gb": 192, "backend": "mps"}) == \
+            {"depth": depth, "device_batch_size": batch, "total_batch_size": total}
+    small = backends.suggest_hyperparameters({"tier": "base", "memory_gb": 8, "backend": "mps"})
+    assert small["device_batch_size"] < backends.TIER_DEFAULTS["base"][1]
+
+
+def test_mac_forced_onto_cpu_gets_the_cpu_row():
+    hw = {"tier": "max", "memory_gb": 128, "backend": "cpu", "generation": "M4"}
+    assert backends.suggest_hyperparameters(hw)["depth"] == backends.TIER_DEFAULTS["cpu"][0]
+
+# ---------------------------------------------------------------------------
+# Peak FLOPS
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chip", sorted(backends.APPLE_PEAK_FLOPS))
+def test_every_apple_chip_has_a_peak(chip):
+    generation, tier = chip
+    hw = {"tier": tier, "generation": generation, "gpu_cores": None}
+    assert backends.get_peak_flops(hw) == backends.APPLE_PEAK_FLOPS[chip] > 0
+    fewer = dict(hw, gpu_cores=backends.APPLE_GPU_CORES[generation][tier] - 2)  # a binned-down GPU
+    assert 0 < backends.get_peak_flops(fewer) < backends.APPLE_PEAK_FLOPS[chip]
+
+
+def test_apple_peaks_match_apples_published_fp32_figures():
+    # Apple's own TFLOPS for full chips (press releases); bf16 is taken at the FP32 rate on M1-M4
+    published = {("M1", "base"): 2.6, ("M1", "max"): 10.4, ("M2", "base"): 3.6, ("M2", "max"): 13.6,
+                 ("M2", "ultra"): 27.2}
+    for chip, tflops in published.items():
+        assert backends.APPLE_PEAK_FLOPS[chip] / 1e12 == pytest.approx(tflops, rel=0.03)
+
+
+@pytest.mark.parametrize("name, expected", [(name, flops) for name, flops in backends.NVIDIA_PEAK_FLOPS] + [
+    ("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GH200 480GB", 989.5e12),
+    ("NVIDIA A10G", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA GeForce RTX 4090", 165e12),
+])
+def test_nvidia_names_match_their_datasheet_peak(name, expected):
+    assert backends.get_peak_flops({"tier": "cuda", "chip": name}) == expected
+
+
+@pytest.mark.parametrize("hw, label", [
+    ({"tier": "cuda", "chip": "NVIDIA Future GPU"}, "estimate"),
+    ({"tier": "max", "generation": "M9"}, "taken as M5"),
+    ({"tier": "base", "generation": None}, "taken as M5"),
+    ({"tier": "cpu"}, "estimate"),
+    ({}, "estimate"),
+])
+def test_unknown_chips_get_a_labelled_estimate(hw, label):
+    flops, source = backends.peak_flops_and_source(hw)
+    assert flops > 0 and label in source
+
+# ---------------------------------------------------------------------------
+# Device utilities
+# ---------------------------------------------------------------------------
+
+def test_cpu_peak_memory_is_a_plausible_monotone_peak():
+    first = backends.get_peak_memory_mb("cpu")
+    block = bytearray(64 * 2**20)  # touched: counts toward RSS
+    second = backends.get_peak_memory_mb("cpu")
+    del block
+    third = backends.get_peak_memory_mb("cpu")
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert 10 < first <= second <= third < total_mb  # a Python process is > 10 MiB: catches a KiB/bytes mix-up
+
+
+def test_mps_peak_is_a_running_maximum(monkeypatch):
+    monkeypatch.setattr(backends, "_mps_peak_bytes", 0)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(mps_bytes=[100 * 2**20, 300 * 2**20, 200 * 2**20, 50 * 2**20]))
+    for _ in range(3):
+        backends.sample_memory("mps")
+    assert backends.get_peak_memory_mb("mps") == 300.0  # current usage fell to 50 MiB: the peak stays
+    backends.sample_memory("cpu")  # a no-op off MPS
+
+
+def test_cuda_peak_and_syncs(monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(calls=calls))
+    assert backends.get_peak_memory_mb("cuda") == 3 * 1024.0
+    backends.sync_device("cuda")
+    backends.sync_device("mps")
+    backends.sync_device("cpu")
+    assert calls == ["cuda", "mps"]
+
+
+def test_mlx_peak_and_sync_with_real_mlx():
+    mx = pytest.importorskip("mlx.core")
+    a = mx.ones((1024, 1024, 8))  # 32 MiB of float32
+    mx.eval(a)
+    backends.sync_device("mlx")
+    assert backends.get_peak_memory_mb("mlx") >= 32.0
+
+# ---------------------------------------------------------------------------
+# Summary and CLI
+# ---------------------------------------------------------------------------
+
+def test_summary_of_a_fake_mac(capsys):
+    backends.print_hardware_summary({"chip": "Apple M3 Max", "generation": "M3", "tier": "max", "gpu_cores": 40,
+                                     "memory_gb": 64.0, "backend": "mlx"})
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert out["chip"].strip() == "Apple M3 Max" and out["gpu_cores"].strip() == "40"
+    assert out["depth"].strip() == "8" and out["device_batch_size"].strip() == "16"
+    assert "estimate" in out["peak_tflops_bf16"] and "14.3" in out["peak_tflops_bf16"]
+
+
+def run_module(**env):
+    environ = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_BACKEND"}
+    return subprocess.run([sys.executable, "-m", "backends"], cwd=ROOT, capture_output=True, text=True,
+                          env={**environ, **env}, timeout=120)
+
+
+def test_importing_backends_imports_neither_framework():
+    # A Mac may have only one of torch / mlx: both are imported lazily, inside the functions that need them
+    code = "import sys, backends; print(sorted(m for m in ('torch', 'mlx') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_python_m_backends_prints_the_summary():
+    result = run_module()
+    assert result.returncode == 0, result.stderr
+    keys = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert keys == ["backend", "chip", "generation", "tier", "gpu_cores", "memory_gb", "depth", "device_batch_size",
+                    "total_batch_size", "memory_estimate_gb", "peak_tflops_bf16"]
+    assert "backend:            cpu" in result.stdout and "estimate" in result.stdout
+
+
+def test_python_m_backends_bad_env_is_one_line_and_nonzero():
+    result = run_module(AUTORESEARCH_BACKEND="metal")
+    assert result.returncode != 0 and result.stdout == ""
+    assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "choose one of auto, mlx, mps, cuda, cpu" in result.stderr
