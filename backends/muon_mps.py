@@ -1,0 +1,167 @@
+"""
+MuonAdamW for PyTorch (MPS, CUDA, CPU): the optimizer of karpathy/autoresearch's train.py.
+Muon (Nesterov momentum -> Polar Express orthogonalisation -> NorMuon variance reduction -> cautious
+weight decay) for the 2-D matrices of the transformer blocks, grouped by shape; AdamW for the rest.
+
+Differences from the original, all numerical hygiene, none in the math:
+- Optimizer state is always float32 and each update is computed in float32, then written back to the
+  parameter in its own dtype (bf16 embeddings stay bf16). This also keeps lerp_ off half-precision
+  tensors, which PyTorch's MPS backend gets wrong.
+- Newton-Schulz runs in bf16 only on CUDA (see CUDA_NS_DTYPE).
+- torch.compile only on CUDA; MPS and CPU run the same functions eagerly.
+
+The training loop calls set_schedule(...) once per step; it reaches every group.
+"""
+
+import math
+
+import torch
+
+# Polar Express coefficients (a, b, c), one triple per Newton-Schulz iteration (from the original).
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+# Newton-Schulz dtype on CUDA: bf16 as the original (tensor cores, and the iteration tolerates it there).
+# Everywhere else float32: CPUs have no fast bf16 matmul, and on Apple GPUs half-precision paths have
+# bitten us (the MLX port's bf16 Newton-Schulz made NaNs; MPS lerp_ is wrong in half). Tests set this to
+# torch.float32 to compare against a float64 reference.
+CUDA_NS_DTYPE = torch.bfloat16
+
+# ---------------------------------------------------------------------------
+# Fused steps (plain tensor functions: compiled on CUDA, eager elsewhere)
+# Scalars arrive as Python floats (eager) or 0-D CPU tensors (compiled, so new values don't recompile).
+# ---------------------------------------------------------------------------
+
+def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    grad = grad.float()
+    new_p = p.float() * (1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    new_p = new_p - (lr / bias1) * exp_avg / ((exp_avg_sq / bias2).sqrt() + eps)
+    p.copy_(new_p)
+
+
+def muon_step(grads, params, momentum_buffer, second_buffer, momentum, lr, wd, beta2,
+              ns_steps, red_dim, ns_dtype):
+    # grads, params: float32 stacks (n, rows, cols) that this function may overwrite
+    # Nesterov momentum
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    g = grads.lerp_(momentum_buffer, momentum)
+    # Polar Express: push every singular value towards 1 (an approximate orthogonalisation)
+    X = g.to(ns_dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    tall = g.size(-2) > g.size(-1)  # iterate on the smaller Gram matrix
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        A = X.mT @ X if tall else X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + (X @ B if tall else B @ X)
+    g = X.float()
+    # NorMuon: per-row (or per-column) second moment, rescaled so the update keeps its Frobenius norm
+    v_mean = g.square().mean(dim=red_dim, keepdim=True)
+    red_size = g.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_size).sqrt()
+    second_buffer.lerp_(v_mean, 1 - beta2)
+    step_size = second_buffer.clamp_min(1e-10).rsqrt()
+    v_norm_new = (v_mean * red_size * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
+    # Cautious weight decay: only decay where the update and the weight agree in sign
+    mask = (g * params) >= 0
+    params.sub_(lr * g + lr * wd * params * mask)
+
+
+# Built lazily by torch.compile on the first CUDA call; each parameter shape/dtype compiles once. Dynamo's
+# default limit of 8 graphs per function would be a hard error (fullgraph) once a model has more shapes.
+torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)  # 2.6+ knows this name
+adamw_step_compiled = torch.compile(adamw_step, dynamic=False, fullgraph=True)
+muon_step_compiled = torch.compile(muon_step, dynamic=False, fullgraph=True)
+
+# ---------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------
+
+class MuonAdamW(torch.optim.Optimizer):
+    """param_groups: dicts with kind="adamw" (params, lr, betas, eps, weight_decay) or
+    kind="muon" (params of one 2-D shape, lr, momentum, ns_steps, beta2, weight_decay)."""
+
+    def __init__(self, param_groups):
+        super().__init__(param_groups, defaults={})
+        for group in self.param_groups:
+            kind = group.get("kind")
+            assert kind in ("adamw", "muon"), f"param group kind must be 'adamw' or 'muon', got {kind!r}"
+            if kind == "muon":
+                shapes = {tuple(p.shape) for p in group["params"]}
+                assert len(shapes) == 1 and len(next(iter(shapes))) == 2, \
+                    f"a muon group needs 2-D parameters of one shape, got shapes {sorted(shapes)}"
+            group["initial_lr"] = group["lr"]
+        self._scalars = {}  # name -> reused 0-D CPU tensor (CUDA only)
+
+    def set_schedule(self, lr_multiplier, muon_momentum, muon_weight_decay):
+        """Called once per training step: LR for every group, momentum and weight decay for Muon."""
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum
+                group["weight_decay"] = muon_weight_decay
+
+    def _scalar(self, name, value, device):
+        if device.type != "cuda":
+            return float(value)
+        if name not in self._scalars:
+            self._scalars[name] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        return self._scalars[name].fill_(value)
+
+    def _step_adamw(self, group):
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+            s = lambda name, value: self._scalar("adamw_" + name, value, p.device)
+            fn = adamw_step_compiled if p.device.type == "cuda" else adamw_step
+            fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s("step", state["step"]), s("lr", group["lr"]),
+               s("beta1", beta1), s("beta2", beta2), s("eps", group["eps"]), s("wd", group["weight_decay"]))
+
+    def _step_muon(self, group):
+        params = group["params"]
+        have_grad = [p.grad is not None for p in params]
+        if not any(have_grad):
+            return
+        assert all(have_grad), "a muon group needs gradients for all of its parameters or for none"
+        p = params[0]
+        rows, cols = p.shape
+        state = self.state[p]  # the whole group's stacked state lives on its first parameter
+        if not state:
+            state["momentum_buffer"] = torch.zeros(len(params), rows, cols, dtype=torch.float32, device=p.device)
+            second_shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+            state["second_momentum_buffer"] = torch.zeros(second_shape, dtype=torch.float32, device=p.device)
+        red_dim = -1 if rows >= cols else -2
+        grads = torch.stack([q.grad for q in params]).float()
+        stacked = torch.stack(params).float()
+        s = lambda name, value: self._scalar("muon_" + name, value, p.device)
+        cuda = p.device.type == "cuda"
+        fn = muon_step_compiled if cuda else muon_step
+        fn(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"],
+           s("momentum", group["momentum"]), s("lr", group["lr"] * math.sqrt(max(1.0, rows / cols))),
+           s("wd", group["weight_decay"]), s("beta2", group["beta2"]),
+           group["ns_steps"], red_dim, CUDA_NS_DTYPE if cuda else torch.float32)
+        torch._foreach_copy_(params, list(stacked.unbind(0)))  # casts back to each parameter's dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._step_adamw(group)
+            else:
+                self._step_muon(group)
