@@ -1,0 +1,166 @@
+"""The GPT of train.py and train_mlx.py: sizes, FLOPs, window visibility, dtypes. Each model on its own here;
+test_parity.py compares them with each other."""
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+import train
+import train_mlx
+
+VOCAB = 8192
+TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
+
+
+def torch_gpt(config, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = train.GPT(config)
+    model.init_weights(dtype=dtype)
+    return model
+
+
+def mlx_gpt(config, dtype=mx.float32, seed=0):
+    mx.random.seed(seed)
+    model = train_mlx.GPT(config)
+    model.init_weights(dtype=dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_depth8_matches_the_original_parameter_count():
+    # The original reports num_params_M 50.3 for DEPTH 8 at vocab 8192.
+    with torch.device("meta"):
+        model = train.GPT(train.build_model_config(8, VOCAB))
+    counts = model.num_scaling_params()
+    assert round(counts["total"] / 1e6, 1) == 50.3
+    assert model.config.n_embd == 512 and model.config.n_head == 4
+    assert counts == {
+        "wte": VOCAB * 512, "value_embeds": 4 * VOCAB * 512, "lm_head": VOCAB * 512,
+        "transformer_matrices": 8 * 12 * 512 * 512 + 4 * 32 * 4, "scalars": 16, "total": counts["total"],
+    }
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, 8])
+def test_model_dim_rounds_up_to_whole_heads(depth):
+    config = train.build_model_config(depth, VOCAB)
+    assert config.n_embd % train.HEAD_DIM == 0
+    assert config.n_embd == math.ceil(depth * train.ASPECT_RATIO / train.HEAD_DIM) * train.HEAD_DIM
+    assert config.n_head == config.n_embd // train.HEAD_DIM
+    assert train_mlx.build_model_config(depth, VOCAB) == train_mlx.GPTConfig(**vars(config))
+
+
+def test_value_embeddings_alternate_and_include_the_last_layer():
+    for n_layer in range(1, 9):
+        layers = [i for i in range(n_layer) if train.has_ve(i, n_layer)]
+        assert n_layer - 1 in layers
+        assert all(b - a == 2 for a, b in zip(layers, layers[1:]))
+
+
+def test_window_sizes_tile_the_pattern_with_a_full_last_layer():
+    config = train.GPTConfig(**{**TINY, "n_layer": 6})
+    with torch.device("meta"):
+        model = train.GPT(config)
+    assert model.window_sizes == [32, 32, 32, 64, 32, 64]
+    assert train_mlx.GPT(train_mlx.GPTConfig(**{**TINY, "n_layer": 6})).window_sizes == model.window_sizes
+
+
+@pytest.mark.parametrize("T,window", [(16, 4), (64, 32), (2048, 1024)])
+def test_window_mask_matches_the_brute_force_definition(T, window):
+    # Key j is visible from query i iff 0 <= i - j <= window (FlashAttention's window_size=(window, 0)).
+    brute = np.array([[0 <= i - j <= window for j in range(T)] for i in range(T)]) if T <= 64 else None
+    torch_mask = train.window_mask(T, window, torch.device("cpu")).numpy()
+    mlx_mask = np.array(train_mlx.attention_mask(T, window))
+    if brute is not None:
+        np.testing.assert_array_equal(torch_mask, brute)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    np.testing.assert_array_equal(torch_mask, (i - j >= 0) & (i - j <= window))
+    np.testing.assert_array_equal(mlx_mask, torch_mask)
+    if T == 2048:  # the real S layer: query 1500 sees keys 476..1500
+        assert torch_mask[1500, 476] and not torch_mask[1500, 475] and not torch_mask[1500, 1501]
+
+
+def test_masks_are_built_once_per_shape():
+    assert train.window_mask(64, 32, torch.device("cpu")) is train.window_mask(64, 32, torch.device("cpu"))
+    assert train_mlx.attention_mask(64, 32) is train_mlx.attention_mask(64, 32)
+    assert train_mlx.attention_mask(64, 64) == "causal"  # full layers take the fused causal path
+
+
+def test_windowed_attention_equals_explicit_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16) for _ in range(3))
+    out = train.attention(q, k, v, window=7)
+    scores = (q @ k.transpose(-1, -2)) / 4.0
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    scores = scores.masked_fill(~((i - j >= 0) & (i - j <= 7)), float("-inf"))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
+    # CUDA runs windowed layers through flex_attention; check its block mask encodes the same visibility.
+    block_mask = train.window_block_mask(256, 100, "cpu")
+    dense = block_mask.to_dense()[0, 0]  # (q blocks, kv blocks), 1 where a tile has any visible key
+    mask = train.window_mask(256, 100, torch.device("cpu"))
+    bs = 256 // dense.shape[0]
+    tiles = mask.view(dense.shape[0], bs, dense.shape[1], bs).any(dim=(1, 3))
+    assert torch.equal(dense.bool(), tiles)
+
+
+def test_torch_forward_shapes_and_loss_reductions():
+    model = torch_gpt(train.GPTConfig(**TINY))
+    idx = torch.randint(0, 512, (2, 64))
+    assert model(idx).shape == (2, 64, 512)
+    per_token = model(idx, idx, reduction="none")
+    assert per_token.shape == (2, 64)
+    torch.testing.assert_close(per_token.mean(), model(idx, idx))
+    # An untrained model is close to uniform over the vocabulary
+    assert abs(model(idx, idx).item() - math.log(512)) < 0.1
+
+
+def test_mlx_forward_shapes_and_loss_reductions():
+    model = mlx_gpt(train_mlx.GPTConfig(**TINY))
+    idx = mx.array(np.random.default_rng(0).integers(0, 512, (2, 64)), dtype=mx.int32)
+    assert model(idx).shape == (2, 64, 512)
+    per_token = model(idx, idx, reduction="none")
+    assert per_token.shape == (2, 64)
+    assert abs(per_token.mean().item() - model(idx, idx).item()) < 1e-6
+    assert abs(model(idx, idx).item() - math.log(512)) < 0.1
+
+
+def test_mlx_master_weights_are_float32_and_embeddings_take_the_compute_dtype():
+    model = mlx_gpt(train_mlx.GPTConfig(**TINY), dtype=mx.bfloat16)
+    for path, p in tree_flatten(model.parameters()):
+        expected = mx.bfloat16 if path.startswith(("transformer.wte", "value_embeds")) else mx.float32
+        assert p.dtype == expected, path
+
+
+def test_mlx_residual_stream_stays_in_the_compute_dtype(monkeypatch):
+    # A stray float32 scalar would silently promote the whole bf16 network to float32.
+    model = mlx_gpt(train_mlx.GPTConfig(**TINY), dtype=mx.bfloat16)
+    seen = []
+    original_call = train_mlx.Block.__call__
+
+    def spy(self, x, ve, window):
+        out = original_call(self, x, ve, window)
+        seen.append((x.dtype, out.dtype))
+        return out
+
+    monkeypatch.setattr(train_mlx.Block, "__call__", spy)
+    idx = mx.array(np.random.default_rng(0).integers(0, 512, (1, 64)), dtype=mx.int32)
+    logits = model(idx)
+    assert len(seen) == TINY["n_layer"]
+    assert all(d == (mx.bfloat16, mx.bfloat16) for d in seen), seen
+    assert logits.dtype == mx.float32  # logits (and the loss) are computed in float32, as the original
+
+
+def test_torch_residual_stream_stays_in_the_compute_dtype():
+    model = torch_gpt(train.GPTConfig(**TINY), dtype=torch.bfloat16)
+    seen = []
+    for block in model.transformer.h:
+        block.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    with torch.amp.autocast(device_type="cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 512, (1, 64)))
+    assert all(d == (torch.bfloat16, torch.bfloat16) for d in seen), seen
+    assert logits.dtype == torch.float32

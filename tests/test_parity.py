@@ -1,0 +1,187 @@
+"""train.py and train_mlx.py are one experiment: the same sizes, init, outputs, training curve and metric.
+Both run on CPU in float32 here, so any difference is a difference in the programs, not in rounding."""
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten
+
+import prepare
+import train
+import train_mlx
+from tests.convert import mlx_to_torch, torch_to_mlx
+
+TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def make_pair(config_kwargs, seed=0):
+    torch.manual_seed(seed)
+    tm = train.GPT(train.GPTConfig(**config_kwargs))
+    tm.init_weights(dtype=torch.float32)
+    mm = train_mlx.GPT(train_mlx.GPTConfig(**config_kwargs))
+    mm.init_weights(dtype=mx.float32)
+    torch_to_mlx(tm, mm)
+    return tm, mm
+
+
+def markov_batches(n, B, T, vocab, seed=0):
+    """Token streams with learnable structure (a sparse random Markov chain), so the loss curve moves."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, vocab, (vocab, 4))
+    batches = []
+    for _ in range(n):
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        rows[:, 0] = rng.integers(0, vocab, B)
+        for t in range(T):
+            rows[:, t + 1] = successors[rows[:, t], rng.integers(0, 4, B)]
+        batches.append((rows[:, :-1].copy(), rows[:, 1:].copy()))
+    return batches
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_same_sizes_and_flops(depth):
+    tconf = train.build_model_config(depth, 8192)
+    mconf = train_mlx.build_model_config(depth, 8192)
+    with torch.device("meta"):
+        tm = train.GPT(tconf)
+    mm = train_mlx.GPT(mconf)
+    assert tm.num_scaling_params() == mm.num_scaling_params()
+    assert tm.estimate_flops() == mm.estimate_flops()
+    torch_shapes = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
+    assert torch_shapes == {k: tuple(v.shape) for k, v in tree_flatten(mm.parameters())}
+
+
+def test_same_init_statistics():
+    config = dict(TINY, vocab_size=2048, n_embd=256)
+    torch.manual_seed(0)
+    tm = train.GPT(train.GPTConfig(**config))
+    tm.init_weights(dtype=torch.float32)
+    mx.random.seed(0)
+    mm = train_mlx.GPT(train_mlx.GPTConfig(**config))
+    mm.init_weights(dtype=mx.float32)
+    mlx_params = dict(tree_flatten(mm.parameters()))
+    s = 3**0.5 * 256**-0.5
+    for name, t in tm.state_dict().items():
+        a, b = t.float().numpy(), np.array(mlx_params[name])
+        if not a.any():  # zero-initialised: output projections and value-embedding gates
+            assert not b.any(), name
+            continue
+        if name.endswith("lambdas"):  # constants: 1.0 and 0.1
+            np.testing.assert_array_equal(a, b, err_msg=name)
+            continue
+        # Same distribution: matching mean, std and range (uniform(-s, s) or the normals)
+        assert abs(a.mean() - b.mean()) < 0.05 * a.std(), name
+        assert abs(a.std() / b.std() - 1) < 0.03, name
+        if "c_" in name or "value_embeds" in name:
+            assert a.min() >= -s and b.min() >= -s and a.max() <= s and b.max() <= s, name
+            assert abs(a.std() - s / 3**0.5) < 0.03 * s, name
+
+
+def test_rope_rotations_agree():
+    x = np.random.default_rng(0).standard_normal((2, 50, 3, 32)).astype(np.float32)  # (B, T, H, D)
+    tm = train.GPT(train.GPTConfig(**TINY))
+    cos, sin = tm._precompute_rotary_embeddings(50, 32)  # the float32 tables train.py uses on CPU
+    ours = train.apply_rotary_emb(torch.from_numpy(x), cos, sin).numpy()
+    theirs = np.array(train_mlx.rope(mx.array(x).transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    assert rel_err(theirs, ours) < 1e-5
+
+
+def test_weight_conversion_round_trips():
+    tm, mm = make_pair(TINY)
+    tm2 = train.GPT(train.GPTConfig(**TINY))
+    tm2.init_weights(dtype=torch.float32)
+    mlx_to_torch(mm, tm2)
+    for name, value in tm.state_dict().items():
+        assert torch.equal(value, tm2.state_dict()[name]), name
+
+
+def test_identical_weights_give_identical_logits_and_losses():
+    tm, mm = make_pair(TINY)
+    perturb(tm, mm)  # non-trivial weights everywhere: zero-init projections and gates would hide half the network
+    x, y = markov_batches(1, 3, 64, 512)[0]
+    with torch.no_grad():
+        t_logits = tm(torch.from_numpy(x)).numpy()
+        t_loss = tm(torch.from_numpy(x), torch.from_numpy(y), reduction="none").numpy()
+    m_logits = np.array(mm(mx.array(x, dtype=mx.int32)))
+    m_loss = np.array(mm(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), reduction="none"))
+    assert rel_err(m_logits, t_logits) <= 1e-4
+    assert rel_err(m_loss, t_loss) <= 1e-4
+
+
+def perturb(tm, mm):
+    """Small noise on every weight, copied to both models. From the exact init the scalar lambdas sit where the
+    loss does not depend on them (x and x0 are parallel and RMSNorm ignores scale), so their gradients are rounding
+    noise and Adam's sign-like first step would amplify that noise differently in each framework."""
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch_to_mlx(tm, mm)
+
+
+def test_fifty_optimizer_steps_follow_the_same_loss_curve():
+    config = dict(TINY, vocab_size=256, n_embd=64)  # MLX's CPU build is slow: keep 50 steps small
+    tm, mm = make_pair(config)
+    perturb(tm, mm)
+    n_steps = 50
+    kwargs = dict(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR, scalar_lr=train.SCALAR_LR,
+                  adam_betas=train.ADAM_BETAS, matrix_lr=train.MATRIX_LR, weight_decay=train.WEIGHT_DECAY)
+    t_opt = tm.setup_optimizer(**kwargs)
+    m_opt = mm.setup_optimizer(**kwargs)
+    loss_and_grad = train_mlx.nn.value_and_grad(mm, lambda model, x, y: model(x, y))
+    t_losses, m_losses = [], []
+    for step, (x, y) in enumerate(markov_batches(n_steps, 2, 64, 256, seed=1)):
+        progress = step / n_steps  # the real schedules, driven by a simulated clock
+        schedule = (train.get_lr_multiplier(progress), train.get_muon_momentum(step), train.get_weight_decay(progress))
+        loss = tm(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+        t_opt.set_schedule(*schedule)
+        t_opt.step()
+        tm.zero_grad(set_to_none=True)
+        t_losses.append(loss.item())
+
+        loss, grads = loss_and_grad(mm, mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32))
+        m_opt.set_schedule(*schedule)
+        m_opt.update(mm, grads)
+        mx.eval(mm.parameters(), m_opt.state)
+        m_losses.append(loss.item())
+    t_losses, m_losses = np.array(t_losses), np.array(m_losses)
+    assert t_losses[-1] < t_losses[0] - 1.0, "the run must actually learn for the comparison to mean anything"
+    assert np.all(np.abs(m_losses - t_losses) / t_losses <= 0.01), np.abs(m_losses - t_losses) / t_losses
+
+
+# ---------------------------------------------------------------------------
+# The metric: evaluate_bpb on the real (session) cache, at the real sequence length
+# ---------------------------------------------------------------------------
+
+EVAL_CONFIG = dict(sequence_len=2048, vocab_size=8192, n_layer=2, n_head=1, n_kv_head=1, n_embd=128, window_pattern="SSSL")
+
+
+@pytest.fixture
+def eval_setup(prepared_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 6 * prepare.MAX_SEQ_LEN)  # 6 validation rows keep MLX-on-CPU quick
+    tokenizer = prepare.Tokenizer.from_directory()
+    tm, mm = make_pair(EVAL_CONFIG)
+    perturb(tm, mm)
+    return tokenizer, tm, mm
+
+
+def test_evaluate_bpb_is_the_same_number_for_both_frameworks(eval_setup):
+    tokenizer, tm, mm = eval_setup
+    t_bpb = prepare.evaluate_bpb(tm, tokenizer, 3)
+    m_bpb = prepare.evaluate_bpb(mm, tokenizer, 3)
+    assert math.isfinite(t_bpb) and t_bpb > 0
+    assert abs(t_bpb - m_bpb) <= 1e-4
+
+
+def test_evaluate_bpb_ignores_batch_size_and_is_deterministic(eval_setup):
+    tokenizer, tm, _ = eval_setup
+    values = [prepare.evaluate_bpb(tm, tokenizer, bs) for bs in (1, 3, 8)]
+    assert max(values) - min(values) <= 1e-6 * values[0], values
+    assert prepare.evaluate_bpb(tm, tokenizer, 3) == prepare.evaluate_bpb(tm, tokenizer, 3)

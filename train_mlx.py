@@ -1,0 +1,494 @@
+"""
+Autoresearch pretraining script, MLX backend. Single-device, single-file.
+The same model and loop as train.py, in MLX's idiom: Metal on Apple Silicon, also MLX's CPU and CUDA builds.
+Usage: uv run train_mlx.py
+"""
+
+import gc
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache, partial
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
+from backends.muon_mlx import MuonAdamW
+from prepare import MAX_SEQ_LEN, SMOKE_TEST_WARNING, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+
+# ---------------------------------------------------------------------------
+# GPT Model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+
+def norm(x):
+    # eps as PyTorch's F.rms_norm default: the machine epsilon of the input dtype
+    return mx.fast.rms_norm(x, None, mx.finfo(x.dtype).eps)
+
+
+def has_ve(layer_idx, n_layer):
+    """Value embeddings on alternating layers, the last one always included."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def rope(x):
+    # Half-split layout (traditional=False) over (B, H, T, D); scale=-1 negates the angles, which gives the
+    # original's sign convention (y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos).
+    return mx.fast.rope(x, x.shape[-1], traditional=False, base=10000, scale=-1.0, offset=0)
+
+
+@lru_cache(maxsize=None)
+def attention_mask(T, window):
+    """Full-context layers use the fused causal path; windowed layers get a boolean (T, T) mask, True where query i
+    may see key j: 0 <= i - j <= window (FlashAttention's left window). Built once per (T, window)."""
+    if window >= T - 1:
+        return "causal"
+    i = mx.arange(T)[:, None]
+    j = mx.arange(T)[None, :]
+    return (i - j >= 0) & (i - j <= window)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with float32 master weights, cast to the activations' dtype at use (bf16 compute on GPUs)."""
+
+    def __call__(self, x):
+        return x @ self.weight.astype(x.dtype).T
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = self.n_embd // self.n_head
+        assert self.n_embd % self.n_head == 0
+        assert self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0
+        self.c_q = Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = Linear(self.n_embd, self.n_embd, bias=False)
+        self.ve_gate_channels = 32
+        if has_ve(layer_idx, config.n_layer):
+            self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
+
+    def __call__(self, x, ve, window):
+        B, T, C = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+
+        # Value residual (ResFormer): mix in the value embedding with an input-dependent gate per kv-head
+        if ve is not None:
+            ve = ve.reshape(B, T, self.n_kv_head, self.head_dim)
+            gate = 2 * mx.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + mx.expand_dims(gate, -1) * ve
+
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q, k = norm(rope(q)), norm(rope(k))
+        # Fused attention (grouped kv-heads supported): the B*H*T*T score matrix is never materialised here.
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=attention_mask(T, window))
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def __call__(self, x):
+        x = self.c_fc(x)
+        x = mx.square(nn.relu(x))
+        return self.c_proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def __call__(self, x, ve, window):
+        x = x + self.attn(norm(x), ve, window)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.window_sizes = self._compute_window_sizes(config)
+        self.transformer = {
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": [Block(config, i) for i in range(config.n_layer)],
+        }
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.resid_lambdas = mx.ones((config.n_layer,))
+        self.x0_lambdas = mx.zeros((config.n_layer,))
+        head_dim = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.value_embeds = {
+            str(i): nn.Embedding(config.vocab_size, kv_dim)
+            for i in range(config.n_layer) if has_ve(i, config.n_layer)
+        }
+
+    def init_weights(self, dtype=mx.bfloat16):
+        """The original's init. `dtype` is the compute dtype: the embeddings are stored in it (bf16 as the
+        original on GPUs; float32 on CPU). Every other parameter is a float32 master weight."""
+        n_embd = self.config.n_embd
+        s = 3**0.5 * n_embd**-0.5  # uniform with the std of N(0, 1/d)
+        uniform = lambda w: mx.random.uniform(-s, s, w.shape)
+        self.transformer["wte"].weight = mx.random.normal(self.transformer["wte"].weight.shape).astype(dtype)
+        self.lm_head.weight = 0.001 * mx.random.normal(self.lm_head.weight.shape)
+        for block in self.transformer["h"]:
+            block.attn.c_q.weight = uniform(block.attn.c_q.weight)
+            block.attn.c_k.weight = uniform(block.attn.c_k.weight)
+            block.attn.c_v.weight = uniform(block.attn.c_v.weight)
+            block.attn.c_proj.weight = mx.zeros_like(block.attn.c_proj.weight)
+            block.mlp.c_fc.weight = uniform(block.mlp.c_fc.weight)
+            block.mlp.c_proj.weight = mx.zeros_like(block.mlp.c_proj.weight)
+            if "ve_gate" in block.attn:
+                block.attn.ve_gate.weight = mx.zeros_like(block.attn.ve_gate.weight)  # 2*sigmoid(0) = 1: neutral
+        self.resid_lambdas = mx.ones((self.config.n_layer,))
+        self.x0_lambdas = mx.full((self.config.n_layer,), 0.1)
+        for ve in self.value_embeds.values():
+            ve.weight = uniform(ve.weight).astype(dtype)
+
+    def _compute_window_sizes(self, config):
+        """Left window per layer from the pattern: L = full context, S = half; the last layer is always full."""
+        pattern = config.window_pattern.upper()
+        assert pattern and all(c in "SL" for c in pattern), f"window_pattern must use only S and L, got {pattern!r}"
+        long_window = config.sequence_len
+        short_window = long_window // 2
+        windows = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(config.n_layer)]
+        windows[-1] = long_window
+        return windows
+
+    def estimate_flops(self):
+        """Estimated FLOPs per token (forward + backward): 6 per matmul weight plus attention."""
+        counts = self.num_scaling_params()
+        nparams_exclude = counts["wte"] + counts["value_embeds"] + counts["scalars"]
+        h = self.config.n_head
+        q = self.config.n_embd // self.config.n_head
+        t = self.config.sequence_len
+        attn_flops = sum(12 * h * q * min(window, t) for window in self.window_sizes)
+        return 6 * (counts["total"] - nparams_exclude) + attn_flops
+
+    def num_scaling_params(self):
+        def count(tree):
+            return sum(p.size for _, p in tree_flatten(tree))
+        wte = count(self.transformer["wte"].parameters())
+        value_embeds = count({k: ve.parameters() for k, ve in self.value_embeds.items()})
+        lm_head = count(self.lm_head.parameters())
+        transformer_matrices = count([block.parameters() for block in self.transformer["h"]])
+        scalars = self.resid_lambdas.size + self.x0_lambdas.size
+        total = wte + value_embeds + lm_head + transformer_matrices + scalars
+        return {
+            "wte": wte, "value_embeds": value_embeds, "lm_head": lm_head,
+            "transformer_matrices": transformer_matrices, "scalars": scalars, "total": total,
+        }
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), scalar_lr=0.5):
+        model_dim = self.config.n_embd
+        params = dict(tree_flatten(self.parameters()))  # path -> array; the optimizer groups hold paths
+        matrix_params = [p for p in params if p.startswith("transformer.h.")]
+        value_embeds_params = [p for p in params if p.startswith("value_embeds.")]
+        embedding_params = ["transformer.wte.weight"]
+        lm_head_params = ["lm_head.weight"]
+        resid_params = ["resid_lambdas"]
+        x0_params = ["x0_lambdas"]
+        assert len(params) == (len(matrix_params) + len(embedding_params) +
+            len(lm_head_params) + len(value_embeds_params) + len(resid_params) + len(x0_params))
+        # Scale the AdamW LRs of the embeddings and lm_head by 1/sqrt(d_model) (tuned at 768)
+        dmodel_lr_scale = (model_dim / 768) ** -0.5
+        print(f"Scaling AdamW LRs by 1/sqrt({model_dim}/768) = {dmodel_lr_scale:.6f}")
+        param_groups = [
+            dict(kind="adamw", params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", params=embedding_params, lr=embedding_lr * dmodel_lr_scale, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", params=value_embeds_params, lr=embedding_lr * dmodel_lr_scale, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", params=resid_params, lr=scalar_lr * 0.01, betas=adam_betas, eps=1e-10, weight_decay=0.0),
+            dict(kind="adamw", params=x0_params, lr=scalar_lr, betas=(0.96, 0.95), eps=1e-10, weight_decay=0.0),
+        ]
+        for shape in sorted({tuple(params[p].shape) for p in matrix_params}):
+            group_params = [p for p in matrix_params if tuple(params[p].shape) == shape]
+            param_groups.append(dict(kind="muon", params=group_params, lr=matrix_lr,
+                                     momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        return MuonAdamW(param_groups)
+
+    def __call__(self, idx, targets=None, reduction="mean"):
+        B, T = idx.shape
+        assert T <= self.config.sequence_len * 10  # the PyTorch model's RoPE table length
+
+        x = self.transformer["wte"](idx)
+        x = norm(x)
+        x0 = x
+        for i, block in enumerate(self.transformer["h"]):
+            # Cast the float32 scalars: an MLX float32 array times a bf16 one would promote the whole residual stream
+            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, self.window_sizes[i])
+        x = norm(x)
+
+        softcap = 15
+        logits = self.lm_head(x)
+        logits = logits.astype(mx.float32)
+        logits = softcap * mx.tanh(logits / softcap)
+
+        if targets is None:
+            return logits
+        valid = targets != -1  # ignore_index=-1, as F.cross_entropy in train.py
+        loss = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0), reduction="none") * valid
+        return loss if reduction == "none" else loss.sum() / mx.maximum(valid.sum(), 1)
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these directly, no CLI flags needed)
+# ---------------------------------------------------------------------------
+
+BACKEND = "mlx"
+HW = get_hardware_info(BACKEND)
+TIER = suggest_hyperparameters(HW)  # memory-safe defaults for this machine's tier (python -m backends shows them)
+
+# Model architecture
+ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
+HEAD_DIM = 128          # target head dimension for attention
+WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
+
+# Optimization
+TOTAL_BATCH_SIZE = TIER["total_batch_size"] # tokens per optimizer step (tier default; the original uses 2**19)
+EMBEDDING_LR = 0.6      # learning rate for token embeddings (Adam)
+UNEMBEDDING_LR = 0.004  # learning rate for lm_head (Adam)
+MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)
+SCALAR_LR = 0.5         # learning rate for per-layer scalars (Adam)
+WEIGHT_DECAY = 0.2      # cautious weight decay for Muon
+ADAM_BETAS = (0.8, 0.95) # Adam beta1, beta2
+WARMUP_RATIO = 0.0      # fraction of time budget for LR warmup
+WARMDOWN_RATIO = 0.5    # fraction of time budget for LR warmdown
+FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
+
+# Model size
+DEPTH = TIER["depth"]   # number of transformer layers (tier default; the original uses 8)
+DEVICE_BATCH_SIZE = TIER["device_batch_size"] # per-device batch size (reduce if memory runs short)
+
+# Execution
+COMPILE = True          # mx.compile the training step (forward, backward and optimizer update)
+
+# ---------------------------------------------------------------------------
+# Setup: device, tokenizer, model, optimizer, dataloader
+# ---------------------------------------------------------------------------
+
+def build_model_config(depth, vocab_size):
+    base_dim = depth * ASPECT_RATIO
+    model_dim = ((base_dim + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
+    num_heads = model_dim // HEAD_DIM
+    return GPTConfig(
+        sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size,
+        n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
+        window_pattern=WINDOW_PATTERN,
+    )
+
+
+def get_lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
+    elif progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    else:
+        cooldown = (1.0 - progress) / WARMDOWN_RATIO
+        return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
+
+
+def get_muon_momentum(step):
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def get_weight_decay(progress):
+    return WEIGHT_DECAY * (1 - progress)
+
+
+if __name__ == "__main__":
+    t_start = time.time()
+    mx.random.seed(42)
+    # bf16 compute on the GPU (Metal or CUDA), float32 on MLX's CPU build
+    compute_dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    peak_flops = get_peak_flops(HW)
+    print(f"Backend: {BACKEND} ({mx.default_device()}) | chip: {HW['chip']} | tier: {HW['tier']} | compute dtype: {str(compute_dtype).removeprefix('mlx.core.')}")
+
+    tokenizer = Tokenizer.from_directory()
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"Vocab size: {vocab_size:,}")
+
+    config = build_model_config(DEPTH, vocab_size)
+    print(f"Model config: {asdict(config)}")
+
+    model = GPT(config)
+    model.init_weights(dtype=compute_dtype)
+    mx.eval(model.parameters())
+
+    param_counts = model.num_scaling_params()
+    print("Parameter counts:")
+    for key, value in param_counts.items():
+        print(f"  {key:24s}: {value:,}")
+    num_params = param_counts["total"]
+    num_flops_per_token = model.estimate_flops()
+    print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
+
+    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, (
+        f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
+        f"({DEVICE_BATCH_SIZE} * {MAX_SEQ_LEN} = {tokens_per_fwdbwd}): change one of them, "
+        f"e.g. TOTAL_BATCH_SIZE = {max(1, round(TOTAL_BATCH_SIZE / tokens_per_fwdbwd)) * tokens_per_fwdbwd}")
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+
+    optimizer = model.setup_optimizer(
+        unembedding_lr=UNEMBEDDING_LR,
+        embedding_lr=EMBEDDING_LR,
+        scalar_lr=SCALAR_LR,
+        adam_betas=ADAM_BETAS,
+        matrix_lr=MATRIX_LR,
+        weight_decay=WEIGHT_DECAY,
+    )
+
+    optimizer.init(model)  # create the optimizer state now, so the compiled step sees it as an input
+
+    # The compiled functions read and write the model and optimizer state: declare it as both inputs and
+    # outputs (declared only as inputs, the traced parameters leak back and corrupt the model on the 2nd call).
+    state = [model.state, optimizer.state]
+    maybe_compile = partial(mx.compile, inputs=state, outputs=state) if COMPILE else (lambda fn: fn)
+    loss_and_grad = nn.value_and_grad(model, lambda model, x, y: model(x, y))
+
+    @maybe_compile
+    def grad_step(x, y):
+        return loss_and_grad(model, x, y)
+
+    @maybe_compile
+    def optimizer_step(grads):
+        optimizer.update(model, tree_map(lambda g: g / grad_accum_steps, grads))
+
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
+
+    def to_device(batch):
+        x, y, epoch = batch
+        return mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), epoch
+
+    x, y, epoch = to_device(next(train_loader))  # prefetch first batch
+
+    print(f"Time budget: {TIME_BUDGET}s")
+    print(f"Gradient accumulation steps: {grad_accum_steps}")
+
+    # -----------------------------------------------------------------------
+    # Training loop
+    # -----------------------------------------------------------------------
+
+    t_start_training = time.time()
+    smooth_train_loss = 0
+    total_training_time = 0
+    step = 0
+
+    while True:
+        sync_device(BACKEND)
+        t0 = time.time()
+        grads = None
+        for micro_step in range(grad_accum_steps):
+            loss, micro_grads = grad_step(x, y)
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            # Evaluate each micro-step (asynchronously, so the next batch is packed while the GPU works):
+            # the accumulation graph never spans more than one micro-batch.
+            mx.async_eval(loss, grads)
+            x, y, epoch = to_device(next(train_loader))
+
+        # Progress and schedules: one call reaches every group (LR for all, momentum and decay for Muon)
+        progress = min(total_training_time / TIME_BUDGET, 1.0)
+        lrm = get_lr_multiplier(progress)
+        optimizer.set_schedule(lrm, get_muon_momentum(step), get_weight_decay(progress))
+        optimizer_step(grads)
+        mx.eval(model.state, optimizer.state)  # the step ends here: read the clock only after this
+
+        train_loss_f = loss.item()
+
+        # Fast fail: abort if loss is exploding, NaN or inf
+        if not math.isfinite(train_loss_f) or train_loss_f > 100:
+            print()
+            print("FAIL")
+            sys.exit(1)
+
+        sync_device(BACKEND)
+        t1 = time.time()
+        dt = t1 - t0
+
+        if step > 10:
+            total_training_time += dt
+
+        # Logging
+        ema_beta = 0.9
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
+        pct_done = 100 * progress
+        tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
+        mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops
+        remaining = max(0, TIME_BUDGET - total_training_time)
+
+        print(f"\rstep {step:05d} ({pct_done:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s    ", end="", flush=True)
+
+        # GC management (Python's GC causes ~500ms stalls)
+        if step == 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif (step + 1) % 5000 == 0:
+            gc.collect()
+
+        step += 1
+
+        # Time's up, but only stop after the warmup steps so compilation is not counted
+        if step > 10 and total_training_time >= TIME_BUDGET:
+            break
+
+    print()  # newline after the \r training log
+
+    total_tokens = step * TOTAL_BATCH_SIZE
+
+    # Final eval
+    t_eval = time.time()
+    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    sync_device(BACKEND)
+    eval_seconds = time.time() - t_eval
+
+    # Final summary
+    t_end = time.time()
+    steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops if total_training_time > 0 else 0
+    peak_vram_mb = get_peak_memory_mb(BACKEND)
+
+    print("---")
+    print(f"val_bpb:          {val_bpb:.6f}")
+    print(f"training_seconds: {total_training_time:.1f}")
+    print(f"total_seconds:    {t_end - t_start:.1f}")
+    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
+    print(f"mfu_percent:      {steady_state_mfu:.2f}")
+    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {num_params / 1e6:.1f}")
+    print(f"depth:            {DEPTH}")
+    print(f"backend:          {BACKEND}")
+    print(f"chip:             {HW['chip']}")
+    print(f"startup_seconds:  {t_end - t_start - total_training_time - eval_seconds:.1f}")
+    print(f"eval_seconds:     {eval_seconds:.1f}")
+    if SMOKE_TEST_WARNING:
+        print(f"warning:          {SMOKE_TEST_WARNING}")
