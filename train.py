@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, sample_memory, suggest_hyperparameters, sync_device
 from backends.muon_mps import MuonAdamW
@@ -71,13 +72,17 @@ def window_mask(T, window, device):
     return (i - j >= 0) & (i - j <= window)
 
 
-@lru_cache(maxsize=None)
+_block_masks = {}  # a plain dict, not lru_cache: torch.compile traces through lru_cache, but reads a filled dict
+
 def window_block_mask(T, window, device):
-    """The same visibility as window_mask, as a flex_attention block mask: tiles outside the window are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    def sliding_window(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    """The same visibility as window_mask, as a flex_attention block mask: tiles outside the window are skipped.
+    GPT.init_weights builds the training length's masks eagerly, so the compiled graph only looks them up."""
+    key = (T, window, device)
+    if key not in _block_masks:
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+        _block_masks[key] = create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    return _block_masks[key]
 
 
 def attention(q, k, v, window):
@@ -87,7 +92,6 @@ def attention(q, k, v, window):
     if window >= T - 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if q.device.type == "cuda":
-        from torch.nn.attention.flex_attention import flex_attention
         return flex_attention(q, k, v, block_mask=window_block_mask(T, window, str(q.device)))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(T, window, q.device))
 
@@ -203,6 +207,9 @@ class GPT(nn.Module):
         head_dim = self.config.n_embd // self.config.n_head
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        if cos.device.type == "cuda":  # flex_attention masks for the windowed layers, built outside torch.compile
+            for window in set(self.window_sizes) - {self.config.sequence_len}:
+                window_block_mask(self.config.sequence_len, window, str(cos.device))
         self.transformer.wte.to(dtype=dtype)
         for ve in self.value_embeds.values():
             ve.to(dtype=dtype)
