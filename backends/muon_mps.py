@@ -13,6 +13,7 @@ Differences from the original, all numerical hygiene, none in the math:
 The training loop calls set_schedule(...) once per step; it reaches every group.
 """
 
+import functools
 import math
 
 import torch
@@ -76,11 +77,13 @@ def muon_step(grads, params, momentum_buffer, second_buffer, momentum, lr, wd, b
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-# Built lazily by torch.compile on the first CUDA call; each parameter shape/dtype compiles once. Dynamo's
-# default limit of 8 graphs per function would be a hard error (fullgraph) once a model has more shapes.
-torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)  # 2.6+ knows this name
-adamw_step_compiled = torch.compile(adamw_step, dynamic=False, fullgraph=True)
-muon_step_compiled = torch.compile(muon_step, dynamic=False, fullgraph=True)
+@functools.cache
+def compiled(fn):
+    """fn under torch.compile, made on the first CUDA step: importing the compiler stack (dynamo, triton) costs
+    start-up time and is useless on MPS and CPU. Each parameter shape/dtype compiles once; dynamo's default limit
+    of 8 graphs per function would be a hard error (fullgraph) once a model has more shapes."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)  # 2.6+ knows this name
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 # ---------------------------------------------------------------------------
 # Optimizer
@@ -129,7 +132,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
             s = lambda name, value: self._scalar("adamw_" + name, value, p.device)
-            fn = adamw_step_compiled if p.device.type == "cuda" else adamw_step
+            fn = compiled(adamw_step) if p.device.type == "cuda" else adamw_step
             fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s("step", state["step"]), s("lr", group["lr"]),
                s("beta1", beta1), s("beta2", beta2), s("eps", group["eps"]), s("wd", group["weight_decay"]))
 
@@ -151,7 +154,7 @@ class MuonAdamW(torch.optim.Optimizer):
         stacked = torch.stack(params).float()
         s = lambda name, value: self._scalar("muon_" + name, value, p.device)
         cuda = p.device.type == "cuda"
-        fn = muon_step_compiled if cuda else muon_step
+        fn = compiled(muon_step) if cuda else muon_step
         fn(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"],
            s("momentum", group["momentum"]), s("lr", group["lr"] * math.sqrt(max(1.0, rows / cols))),
            s("wd", group["weight_decay"]), s("beta2", group["beta2"]),

@@ -36,3 +36,35 @@ def prepared_cache(synthetic_corpus):
     if result.returncode != 0:
         pytest.fail(f"prepare.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return SESSION_CACHE_DIR
+
+
+# ---------------------------------------------------------------------------
+# Real training runs (slow: shared by the end-to-end and documentation tests)
+# ---------------------------------------------------------------------------
+
+SMOKE_ENV = {"AUTORESEARCH_TIME_BUDGET": "2", "AUTORESEARCH_EVAL_TOKENS": "4096"}  # 11 warmup steps + 2 s, 2 val rows
+
+
+def run_script(script, cwd, env=None, timeout=1200):
+    """Run a training script the way program.md tells the agent to: all output redirected to cwd/run.log."""
+    import subprocess
+    log_path = os.path.join(cwd, "run.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, script], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=timeout)
+    with open(log_path) as f:
+        return proc.returncode, log_path, f.read()
+
+
+@pytest.fixture(scope="session")
+def torch_run(prepared_cache, tmp_path_factory):
+    """`train.py` on the CPU backend for a few seconds: (returncode, run.log path, log text)."""
+    return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("torch_run")),
+                      env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"})
+
+
+@pytest.fixture(scope="session")
+def mlx_run(prepared_cache, tmp_path_factory):
+    """`train.py` with AUTORESEARCH_BACKEND=mlx, which hands over to train_mlx.py (MLX's CPU build here)."""
+    return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("mlx_run")),
+                      env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
