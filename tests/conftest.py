@@ -52,7 +52,7 @@ def run_script(script, cwd, env=None, timeout=1200):
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, script], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=timeout)
-    with open(log_path) as f:
+    with open(log_path, newline="") as f:  # keep the progress line's \r as written
         return proc.returncode, log_path, f.read()
 
 
@@ -68,3 +68,15 @@ def mlx_run(prepared_cache, tmp_path_factory):
     """`train.py` with AUTORESEARCH_BACKEND=mlx, which hands over to train_mlx.py (MLX's CPU build here)."""
     return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("mlx_run")),
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
+
+
+@pytest.fixture(autouse=True)
+def mlx_on_cpu():
+    """The numeric tests compare MLX with float64 references and with PyTorch on the CPU. Pin MLX's default device
+    to its CPU so a machine with a GPU runs the same comparisons (MLX's CUDA build computes float32 matmuls in TF32,
+    about 1e-3 relative). test_devices.py picks the GPU explicitly with mx.stream."""
+    import mlx.core as mx
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)

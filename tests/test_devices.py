@@ -1,0 +1,82 @@
+"""Accelerator paths. CI has no GPU, so these skip there, by name; the same code runs on the CPU in
+test_models.py, test_parity.py and test_e2e.py. On a Mac (or an NVIDIA box) `uv run pytest` runs them."""
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import train
+import train_mlx
+from tests.convert import torch_to_mlx
+
+TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
+
+
+def torch_pair(device):
+    torch.manual_seed(0)
+    cpu = train.GPT(train.GPTConfig(**TINY))
+    cpu.init_weights(dtype=torch.float32)
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    other = train.GPT(train.GPTConfig(**TINY)).to(device)
+    other.init_weights(dtype=torch.float32)
+    other.load_state_dict(cpu.state_dict())
+    return cpu, other
+
+
+def batch(device="cpu"):
+    rng = np.random.default_rng(0)
+    return (torch.from_numpy(rng.integers(0, 512, (2, 64))).to(device),
+            torch.from_numpy(rng.integers(0, 512, (2, 64))).to(device))
+
+
+def check_torch_device(device):
+    cpu, other = torch_pair(device)
+    x, y = batch()
+    expected = cpu(x, y, reduction="none")
+    got = other(x.to(device), y.to(device), reduction="none")
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-3)
+    optimizer = other.setup_optimizer()
+    got.mean().backward()
+    optimizer.set_schedule(1.0, 0.85, 0.2)
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in other.parameters())
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (PyTorch MPS)")
+def test_mps_forward_matches_cpu_and_the_optimizer_steps():
+    check_torch_device("mps")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (PyTorch CUDA)")
+def test_cuda_forward_matches_cpu_and_the_optimizer_steps():
+    check_torch_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (flex_attention's CUDA path)")
+def test_cuda_flex_attention_matches_the_sdpa_window_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2048, 128, device="cuda") for _ in range(3))
+    flex = train.attention(q, k, v, window=1024)  # the CUDA branch: flex_attention with a block mask
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=train.window_mask(2048, 1024, q.device))
+    torch.testing.assert_close(flex, sdpa, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                    reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
+def test_mlx_gpu_matches_mlx_cpu_in_bf16_and_float32():
+    cpu, _ = torch_pair("cpu")
+    x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
+    results = {}
+    for dtype in (mx.float32, mx.bfloat16):
+        for device in (mx.cpu, mx.gpu):
+            with mx.stream(device):
+                model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
+                model.init_weights(dtype=dtype)
+                torch_to_mlx(cpu, model)
+                results[dtype, device] = np.array(model(x, y, reduction="none"))
+    np.testing.assert_allclose(results[mx.float32, mx.gpu], results[mx.float32, mx.cpu], rtol=1e-3, atol=1e-3)
+    # bf16 compute: the loss stays close to float32's (the residual stream must not silently run in float32)
+    assert np.abs(results[mx.bfloat16, mx.gpu] - results[mx.float32, mx.cpu]).mean() < 0.05
