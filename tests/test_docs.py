@@ -1,0 +1,390 @@
+"""README.md and program.md are contracts too. Every shell command in them is listed in COMMANDS with the test
+or CI step that runs it, and the ones nothing else runs are run here: `python -m backends`, `prepare.py --help`,
+the install commands (as a dry run), the agent's git workflow and its grep lines against a real run.log. The
+tier table, the example outputs and the summary keys they show are compared with what the code produces."""
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+import backends
+
+README = os.path.join(ROOT, "README.md")
+PROGRAM = os.path.join(ROOT, "program.md")
+CI_RUN = os.path.join(ROOT, ".ci", "run")
+
+# ---------------------------------------------------------------------------
+# Every command in the docs, and where it runs
+# ---------------------------------------------------------------------------
+
+# "path::name" is a test or fixture that runs the command (or, where the docs name a Mac-only backend, the same
+# command on the CPU); ".ci/run" means the command is a line of the CI script. Nothing else is accepted, except
+# the one command below that needs the internet.
+NOT_RUN = "not run: the uv installer downloads from astral.sh; .ci/run installs uv from PyPI instead"
+COMMANDS = {
+    # README.md
+    "uv run train.py": ("tests/conftest.py::torch_run", "tests/conftest.py::mlx_run"),
+    "uv run pytest -v": (".ci/run",),
+    "curl -LsSf https://astral.sh/uv/install.sh | sh": (NOT_RUN,),
+    "uv sync --extra mlx": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --extra mps": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --extra all": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --locked --extra all": (".ci/run",),
+    "uv run prepare.py": ("tests/conftest.py::prepared_cache",),
+    "uv run prepare.py --source ~/corpus": ("tests/test_prepare.py::test_source_cli_builds_a_working_cache",),
+    "uv run prepare.py --help": ("tests/test_docs.py::test_prepare_help_lists_every_option_the_readme_names",),
+    "uv run python -m backends": ("tests/test_docs.py::test_python_m_backends_prints_the_fields_the_readme_shows",),
+    "AUTORESEARCH_BACKEND=mps uv run train.py": ("tests/test_backends.py::test_requested_backend_that_works_is_returned",
+                                                 "tests/conftest.py::torch_run"),
+    "uv run train_mlx.py": ("tests/test_e2e.py::test_missing_dataset_is_a_one_line_error",
+                            "tests/test_e2e.py::test_nan_loss_prints_fail_and_exits_1"),
+    # program.md
+    "git checkout -b autoresearch/<tag>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    "printf 'commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n' > results.tsv":
+        ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    "uv run train_mlx.py > run.log 2>&1": ("tests/conftest.py::mlx_run",),
+    "uv run train.py > run.log 2>&1": ("tests/conftest.py::torch_run",),
+    "AUTORESEARCH_BACKEND=mps uv run train.py > run.log 2>&1":
+        ("tests/test_backends.py::test_requested_backend_that_works_is_returned", "tests/conftest.py::torch_run"),
+    'git commit -am "<description>"': ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    'grep "^val_bpb:\\|^peak_vram_mb:" run.log': ("tests/test_docs.py::test_grep_lines_read_the_summary",),
+    'grep "^backend:" run.log': ("tests/test_docs.py::test_grep_lines_read_the_summary",
+                                 "tests/test_docs.py::test_backend_grep_after_the_mlx_hand_over"),
+    "tail -n 50 run.log": ("tests/test_docs.py::test_tail_shows_the_end_of_the_log",),
+    "git rev-parse --short=7 HEAD": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    "git reset --hard HEAD~1": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+}
+COMMAND_WORDS = {"uv", "uvx", "git", "grep", "tail", "head", "cat", "ls", "python", "python3", "pip", "pip3", "curl",
+                 "wget", "brew", "printf", "echo", "kill", "pkill", "export", "cd", "rm", "mkdir", "timeout", "sh", "bash"}
+ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*")
+FENCE = re.compile(r"^[ \t]*```(\w*)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def fenced_blocks(text):
+    """(language, dedented body) of every fenced code block, in order."""
+    blocks = []
+    for m in FENCE.finditer(text):
+        lines = m.group(2).splitlines()
+        indent = min((len(l) - len(l.lstrip()) for l in lines if l.strip()), default=0)
+        blocks.append((m.group(1), "\n".join(l[indent:] for l in lines)))
+    return blocks
+
+
+def is_command(text):
+    words = ENV_PREFIX.sub("", text).split()
+    return bool(words) and words[0] in COMMAND_WORDS
+
+
+def doc_commands(path):
+    """Shell commands in a markdown file: every line of its bash blocks, and every inline code span that starts
+    with a command word (so a command written in prose cannot escape the allow-list)."""
+    text = read(path)
+    commands = []
+    for lang, body in fenced_blocks(text):
+        if lang == "bash":
+            commands += [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+    prose = FENCE.sub("", text)
+    for m in re.finditer(r"(`+)(.+?)\1", prose):
+        span = m.group(2).strip()
+        if is_command(span):
+            commands.append(span)
+    return list(dict.fromkeys(commands))
+
+
+def section(text, heading):
+    """The text under a `## heading`, up to the next heading of that level."""
+    m = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert m, f"no section '## {heading}'"
+    return m.group(1)
+
+
+def test_every_fenced_block_says_whether_it_is_commands_or_output():
+    for path in (README, PROGRAM):
+        for lang, body in fenced_blocks(read(path)):
+            assert lang in ("bash", "text"), (path, lang, body[:80])
+
+
+@pytest.mark.parametrize("path", [README, PROGRAM], ids=os.path.basename)
+def test_every_command_in_the_docs_is_run_by_a_test_or_by_ci(path):
+    for command in doc_commands(path):
+        assert command in COMMANDS, f"{os.path.basename(path)}: {command!r} is not in COMMANDS: say what runs it"
+
+
+def test_the_allow_list_names_real_tests_and_ci_lines_and_nothing_stale():
+    documented = set(doc_commands(README)) | set(doc_commands(PROGRAM))
+    assert set(COMMANDS) == documented, set(COMMANDS) ^ documented
+    ci_lines = [line.strip() for line in read(CI_RUN).splitlines()]
+    for command, refs in COMMANDS.items():
+        for ref in refs:
+            if ref == NOT_RUN:
+                assert command.startswith("curl -LsSf https://astral.sh/uv/install.sh"), command
+            elif ref == ".ci/run":
+                assert command in ci_lines, (command, "not a line of .ci/run")
+            else:
+                path, name = ref.split("::")
+                assert re.search(rf"^def {name}\(", read(os.path.join(ROOT, path)), re.MULTILINE), ref
+
+# ---------------------------------------------------------------------------
+# README.md
+# ---------------------------------------------------------------------------
+
+def pytest_command(text):
+    found = [line for line in text.splitlines() if line.strip().startswith("uv run pytest")]
+    assert len(found) == 1, found
+    return found[0].strip()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = read(README)
+    command = pytest_command(fenced_blocks(section(readme, "Running the tests"))[0][1])
+    assert pytest_command(read(CI_RUN)) == command
+    # the two commands a newcomer needs open the README: the main job, then the tests
+    first_two = [body.strip() for lang, body in fenced_blocks(readme)[:2]]
+    assert first_two == ["uv run train.py", command]
+
+
+def test_install_commands_resolve_from_the_lockfile():
+    uv = os.environ.get("UV") or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH here: the README's install commands cannot be dry-run")
+    installs = [c for c in doc_commands(README) if re.fullmatch(r"uv sync --extra \w+", c)]
+    assert {c.split()[-1] for c in installs} == {"mlx", "mps", "all"}
+    for command in installs:  # --dry-run: resolve and plan only; --locked: never rewrite uv.lock
+        result = subprocess.run([uv, *command.split()[1:], "--locked", "--dry-run"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+def summary_lines(text):
+    """`key: value` lines as the backends summary prints them, as (key, value)."""
+    return [tuple(part.strip() for part in line.split(":", 1)) for line in text.splitlines() if ":" in line]
+
+
+def test_python_m_backends_prints_the_fields_the_readme_shows():
+    readme = read(README)
+    example = next(body for lang, body in fenced_blocks(section(readme, "Backends")) if lang == "text")
+    result = subprocess.run([sys.executable, "-m", "backends"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = dict(summary_lines(result.stdout))
+    assert list(printed) == [key for key, _ in summary_lines(example)]
+    hw = backends.get_hardware_info()
+    config = backends.suggest_hyperparameters(hw)
+    assert printed["backend"] == backends.detect_backend() and printed["tier"] == hw["tier"]
+    assert [int(printed[k]) for k in config] == list(config.values())
+
+    # the README's example is exactly what the code prints for that machine
+    fields = dict(summary_lines(example))
+    mac = {"backend": fields["backend"], "chip": fields["chip"], "generation": fields["generation"],
+           "tier": fields["tier"], "gpu_cores": int(fields["gpu_cores"]), "memory_gb": float(fields["memory_gb"])}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        backends.print_hardware_summary(mac)
+    assert out.getvalue().strip() == example.strip()
+
+
+def markdown_table(text, header_word):
+    """Rows (lists of cells) of the first markdown table whose header row contains header_word."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and header_word in line)
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows[0], [row for row in rows[2:]]  # skip the |---| row
+
+
+def test_tier_table_is_what_suggest_hyperparameters_returns():
+    header, rows = markdown_table(section(read(README), "Backends"), "DEVICE_BATCH_SIZE")
+    assert header == ["tier", "chips", "backend", "memory (GB)", "DEPTH", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE",
+                      "estimate (GB)"]
+    as_int = lambda cell: 2 ** int(cell[3:]) if cell.startswith("2**") else int(cell)
+    seen = set()
+    for tier, _, backend_cell, memory_cell, depth, batch, total, estimate in rows:
+        memories = [8.0, 64.0, 512.0] if memory_cell == "any" else [float(m) for m in memory_cell.split(",")]
+        for backend in backend_cell.split(", "):
+            for memory_gb in memories:
+                hw = {"tier": tier, "memory_gb": memory_gb, "backend": backend}
+                config = backends.suggest_hyperparameters(hw)
+                row = (tier, backend, memory_gb)
+                assert config == {"depth": int(depth), "device_batch_size": int(batch),
+                                  "total_batch_size": as_int(total)}, row
+                assert f"{backends.estimate_memory_gb(int(depth), int(batch), backend=backend):.1f}" == estimate, row
+        seen.add(tier)
+    assert seen == set(backends.TIER_DEFAULTS)
+    # what the prose around the table says
+    assert backends.TIER_DEFAULTS["cuda"] == (8, 128, 2**19)  # the original's configuration
+    assert backends.memory_fraction({"tier": "max"}) == 0.5 and backends.memory_fraction({"tier": "cuda"}) == 0.85
+
+
+def test_prepare_help_lists_every_option_the_readme_names():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--help"], cwd=ROOT, text=True,
+                            capture_output=True, env={**os.environ, "COLUMNS": "1000"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = section(read(README), "Data")
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", data))
+    assert {"--source", "--num-shards"} <= options
+    for option in options:
+        assert option in result.stdout, option
+    for fact in (".parquet", "`text`", ".jsonl", ".txt", "blank lines", "<|endoftext|>", "shard_06542.parquet",
+                 "val/valid/validation", "10%", "-1 = all"):
+        assert fact in result.stdout, fact  # the README describes --source's formats as --help does
+
+
+def test_environment_variables_in_the_docs_exist_in_the_code():
+    code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/__init__.py"))
+    for path in (README, PROGRAM):
+        for name in set(re.findall(r"\b(?:AUTORESEARCH_[A-Z_]+|HF_ENDPOINT)\b", read(path))):
+            assert f'"{name}"' in code, (os.path.basename(path), name)
+
+# ---------------------------------------------------------------------------
+# program.md against a real run (the torch_run fixture: train.py on the CPU, output redirected to run.log)
+# ---------------------------------------------------------------------------
+
+def printed_summary(log):
+    """(key, value) of the summary block after the last `---`: its lines align values at column 18 (anything after
+    it, such as a library's exit-time message, is not part of it)."""
+    block = ("\n" + log).split("\n---\n")[-1].splitlines()
+    pairs = []
+    for line in block:
+        m = re.match(r"([A-Za-z_]+): +", line)
+        if not m or m.end() != 18:
+            break
+        pairs.append((m.group(1), line[18:]))
+    return pairs
+
+
+def example_summary():
+    """The summary block program.md shows the agent, as (key, value)."""
+    body = next(body for lang, body in fenced_blocks(read(PROGRAM)) if body.startswith("---\n"))
+    return printed_summary(body)
+
+
+def agent_commands(prefix):
+    found = [c for c in doc_commands(PROGRAM) if c.startswith(prefix)]
+    assert found, f"program.md gives no command starting with {prefix!r}"
+    return found
+
+
+def bash(command, cwd):
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_example_summary_has_the_keys_a_real_run_prints(torch_run):
+    returncode, _, log = torch_run
+    assert returncode == 0, log[-3000:]
+    real = [key for key, _ in printed_summary(log)]
+    assert real[-1] == "warning"  # the fixture uses the smoke-test knobs; a real run has no such line
+    example = example_summary()
+    assert [key for key, _ in example] == real[:-1]
+    # the README's explanation of the output covers the same keys, warning included
+    _, rows = markdown_table(section(read(README), "The output"), "meaning")
+    assert [row[0].strip("`") for row in rows] == ["---"] + real
+
+
+def test_results_example_matches_the_summary_example():
+    blocks = [body for lang, body in fenced_blocks(read(PROGRAM)) if body.startswith("commit\t")]
+    header, example = blocks[0].strip(), blocks[1].strip().splitlines()
+    assert example[0] == header == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    for row in example[1:]:
+        commit, val_bpb, memory_gb, status, description = row.split("\t")
+        assert re.fullmatch(r"[0-9a-f]{7}", commit) and status in ("keep", "discard", "crash") and description
+        assert re.fullmatch(r"\d\.\d{6}", val_bpb) and re.fullmatch(r"\d+\.\d", memory_gb)
+    summary = dict(example_summary())
+    baseline = example[1].split("\t")
+    assert baseline[1] == summary["val_bpb"]
+    assert baseline[2] == f"{float(summary['peak_vram_mb']) / 1024:.1f}"  # memory_gb = peak_vram_mb / 1024, .1f
+
+
+def test_grep_lines_read_the_summary(torch_run):
+    returncode, log_path, log = torch_run
+    assert returncode == 0, log[-3000:]
+    folder = os.path.dirname(log_path)
+    lines = log.split("\n")  # grep's lines: the progress display's \r does not end one
+    for command in agent_commands('grep "^val_bpb:'):
+        result = bash(command, folder)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [l for l in lines if l.startswith(("val_bpb:", "peak_vram_mb:"))]
+        val_bpb, peak = result.stdout.splitlines()
+        assert float(val_bpb.split()[1]) > 0 and float(peak.split()[1]) > 0
+    (command,) = agent_commands('grep "^backend:')
+    result = bash(command, folder)
+    assert result.stdout.splitlines() == ["backend:          cpu"]
+
+
+def test_backend_grep_after_the_mlx_hand_over(mlx_run):
+    """`uv run train.py` handed over to train_mlx.py: the grep shows the hand-over note and the summary line."""
+    returncode, log_path, log = mlx_run
+    assert returncode == 0, log[-3000:]
+    (command,) = agent_commands('grep "^backend:')
+    lines = bash(command, os.path.dirname(log_path)).stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("backend: mlx -> handing over to train_mlx.py")
+    assert lines[1] == "backend:          mlx"
+
+
+def test_tail_shows_the_end_of_the_log(torch_run):
+    _, log_path, _ = torch_run
+    (command,) = agent_commands("tail ")
+    result = subprocess.run(["bash", "-c", command], cwd=os.path.dirname(log_path), capture_output=True, timeout=60)
+    assert result.returncode == 0
+    with open(log_path, "rb") as f:  # bytes: the progress display's \r must not count as line ends
+        data = f.read()
+    lines = data.removesuffix(b"\n").split(b"\n")  # the last line may lack its \n (a library's exit message)
+    assert result.stdout == b"\n".join(lines[-50:]) + (b"\n" if data.endswith(b"\n") else b"")
+
+
+def test_git_workflow_keeps_and_discards_commits(tmp_path):
+    """The setup and loop commands of program.md, in a scratch repository with this project's .gitignore."""
+    names = {"tag": "docs-test", "description": "try a smaller batch"}
+    fill = lambda command: re.sub(r"<(\w+)>", lambda m: names[m.group(1)], command)
+    (checkout,) = agent_commands("git checkout")
+    (header,) = agent_commands("printf ")
+    (commit,) = agent_commands("git commit")
+    (short_hash,) = agent_commands("git rev-parse")
+    (reset,) = agent_commands("git reset")
+    repo = str(tmp_path)
+    env = {**os.environ, "HOME": repo, "GIT_CONFIG_NOSYSTEM": "1", "GIT_AUTHOR_NAME": "agent",
+           "GIT_AUTHOR_EMAIL": "agent@example.com", "GIT_COMMITTER_NAME": "agent",
+           "GIT_COMMITTER_EMAIL": "agent@example.com"}
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    run = lambda command: subprocess.run(["bash", "-c", fill(command)], cwd=repo, env=env, capture_output=True,
+                                         text=True, timeout=60)
+    shutil.copy(os.path.join(ROOT, ".gitignore"), repo)
+    (tmp_path / "train_mlx.py").write_text("DEPTH = 8\n")
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    start = git("rev-parse", "HEAD")
+
+    assert run(checkout).returncode == 0
+    assert git("branch", "--show-current") == "autoresearch/docs-test"
+    assert run(header).returncode == 0
+    assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+
+    (tmp_path / "train_mlx.py").write_text("DEPTH = 6\n")  # the experiment
+    assert run(commit).returncode == 0
+    experiment = git("rev-parse", "HEAD")
+    assert experiment != start and git("log", "-1", "--format=%s") == names["description"]
+    result = run(short_hash)
+    assert result.stdout.strip() == experiment[:7]
+
+    (tmp_path / "run.log").write_text("val_bpb:          1.0\n")
+    assert run(reset).returncode == 0  # discard: back to where the experiment started
+    assert git("rev-parse", "HEAD") == start and (tmp_path / "train_mlx.py").read_text() == "DEPTH = 8\n"
+    # results.tsv and run.log survive the reset and are never committed: .gitignore keeps them out
+    assert (tmp_path / "results.tsv").exists() and (tmp_path / "run.log").exists()
+    assert git("status", "--porcelain") == ""
+    assert "results.tsv" not in git("ls-files") and "run.log" not in git("log", "--all", "--name-only", "--format=")
