@@ -11,9 +11,12 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+except ImportError:
+    sys.exit("error: mlx is not installed: run `uv sync --extra mlx`")
 
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
 from backends.muon_mlx import MuonAdamW
@@ -326,8 +329,8 @@ def get_weight_decay(progress):
 if __name__ == "__main__":
     t_start = time.time()
     mx.random.seed(42)
-    # bf16 compute on the GPU (Metal or CUDA), float32 on MLX's CPU build
-    compute_dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    # bf16 compute on the GPU (Metal or CUDA), float32 on MLX's CPU build and on an M1 (no bf16 hardware)
+    compute_dtype = mx.bfloat16 if mx.default_device() == mx.gpu and HW["generation"] != "M1" else mx.float32
     peak_flops = get_peak_flops(HW)
     print(f"Backend: {BACKEND} ({mx.default_device()}) | chip: {HW['chip']} | tier: {HW['tier']} | compute dtype: {str(compute_dtype).removeprefix('mlx.core.')}")
 

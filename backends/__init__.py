@@ -242,12 +242,13 @@ def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size
 
 # Starting points for a 5-minute run, before fitting to memory: (depth, device_batch_size, total_batch_size).
 # Small machines get smaller models (more steps in 5 minutes beat a bigger model that barely trains) and smaller
-# total batches (an 8-core M1 does ~2 TFLOPS: 2**19 tokens a step would leave a handful of steps).
+# total batches (an 8-core M1 does ~2 TFLOPS: 2**19 tokens a step would leave a handful of steps; at 2**16 a
+# depth-8 model on a 40-core M3 Max, ~14 TFLOPS bf16 at ~30% MFU, makes about 80 steps in 5 minutes).
 #   tier    depth  device batch  total batch   note
 #   base      4         8          2**16       M1..M5, 8-32 GB
-#   pro       6        16          2**17       18-64 GB
-#   max       8        32          2**18       36-128 GB
-#   ultra     8        64          2**19       64-192 GB
+#   pro       6        16          2**16       18-64 GB
+#   max       8        32          2**16       36-128 GB
+#   ultra     8        64          2**17       64-192 GB
 #   cuda      8       128          2**19       the original (H100, 44 GiB measured)
 #   cpu       2         1          2048        smoke tests only
 # Then device_batch_size halves (and after it reaches 1, depth drops) until the estimate fits memory_fraction of
@@ -256,9 +257,9 @@ def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size
 # at least device_batch_size * MAX_SEQ_LEN, so halving keeps total % (device_batch_size * MAX_SEQ_LEN) == 0.
 TIER_DEFAULTS = {
     "base": (4, 8, 2**16),
-    "pro": (6, 16, 2**17),
-    "max": (8, 32, 2**18),
-    "ultra": (8, 64, 2**19),
+    "pro": (6, 16, 2**16),
+    "max": (8, 32, 2**16),
+    "ultra": (8, 64, 2**17),
     "cuda": (8, 128, 2**19),
     "cpu": (2, 1, 2048),
 }
