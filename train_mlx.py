@@ -54,14 +54,38 @@ def rope(x):
 
 
 @lru_cache(maxsize=None)
-def attention_mask(T, window):
-    """Full-context layers use the fused causal path; windowed layers get a boolean (T, T) mask, True where query i
-    may see key j: 0 <= i - j <= window (FlashAttention's left window). Built once per (T, window)."""
+def attention_mask(T, window, dtype):
+    """Full-context layers use the fused causal path. Windowed layers get an additive (T, T) mask in the compute
+    dtype: 0 where query i may see key j (0 <= i - j <= window, FlashAttention's left window), -inf elsewhere.
+    Additive rather than boolean: MLX's CUDA attention turns a boolean mask into a fresh additive B*H*T*T bias at
+    every call (H100, B=32 T=2048: 3.7 ms forward+backward instead of 5.9). Built once per (T, window, dtype)."""
     if window >= T - 1:
         return "causal"
     i = mx.arange(T)[:, None]
     j = mx.arange(T)[None, :]
-    return (i - j >= 0) & (i - j <= window)
+    return mx.where((i - j >= 0) & (i - j <= window), 0.0, -mx.inf).astype(dtype)
+
+
+@mx.custom_function
+def embedding_lookup(weight, idx):
+    return weight[idx]
+
+
+@embedding_lookup.vjp
+def embedding_lookup_vjp(primals, cotangent, output):
+    # Sum the gradient rows of repeated tokens in float32, stored afterwards in the table's dtype. The default
+    # scatter-adds in the table's dtype: bf16 atomics on the many repeats of real text are slow (H100, one
+    # 32x2048 batch: 15.7 ms instead of 0.6 ms per table) and round at every add.
+    weight, idx = primals
+    grad = mx.zeros(weight.shape, mx.float32).at[idx].add(cotangent.astype(mx.float32))
+    return grad.astype(weight.dtype), mx.zeros_like(idx)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding with a float32 gradient sum (see embedding_lookup_vjp); the table keeps its dtype."""
+
+    def __call__(self, idx):
+        return embedding_lookup(self.weight, idx)
 
 
 class Linear(nn.Linear):
@@ -103,7 +127,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q, k = norm(rope(q)), norm(rope(k))
         # Fused attention (grouped kv-heads supported): the B*H*T*T score matrix is never materialised here.
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=attention_mask(T, window))
+        mask = attention_mask(T, window, q.dtype)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -138,7 +163,7 @@ class GPT(nn.Module):
         self.config = config
         self.window_sizes = self._compute_window_sizes(config)
         self.transformer = {
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "wte": Embedding(config.vocab_size, config.n_embd),
             "h": [Block(config, i) for i in range(config.n_layer)],
         }
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -147,7 +172,7 @@ class GPT(nn.Module):
         head_dim = config.n_embd // config.n_head
         kv_dim = config.n_kv_head * head_dim
         self.value_embeds = {
-            str(i): nn.Embedding(config.vocab_size, kv_dim)
+            str(i): Embedding(config.vocab_size, kv_dim)
             for i in range(config.n_layer) if has_ve(i, config.n_layer)
         }
 

@@ -1,9 +1,11 @@
 """Accelerator paths. CI has no GPU, so these skip there, by name; the same code runs on the CPU in
 test_models.py, test_parity.py and test_e2e.py. On a Mac (or an NVIDIA box) `uv run pytest` runs them."""
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 import train
 import train_mlx
@@ -80,3 +82,23 @@ def test_mlx_gpu_matches_mlx_cpu_in_bf16_and_float32():
     np.testing.assert_allclose(results[mx.float32, mx.gpu], results[mx.float32, mx.cpu], rtol=1e-3, atol=1e-3)
     # bf16 compute: the loss stays close to float32's (the residual stream must not silently run in float32)
     assert np.abs(results[mx.bfloat16, mx.gpu] - results[mx.float32, mx.cpu]).mean() < 0.05
+
+
+@pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                    reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
+def test_mlx_gpu_gradients_match_mlx_cpu():
+    # The GPU's own attention and embedding backward (additive window mask, float32 embedding gradient sum)
+    cpu, _ = torch_pair("cpu")
+    x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
+    grads = {}
+    for device in (mx.cpu, mx.gpu):
+        with mx.stream(device):
+            model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
+            model.init_weights(dtype=mx.float32)
+            torch_to_mlx(cpu, model)
+            _, g = nn.value_and_grad(model, lambda x, y: model(x, y))(x, y)
+            grads[device] = {path: np.array(a) for path, a in tree_flatten(g)}
+    assert grads[mx.gpu].keys() == grads[mx.cpu].keys()
+    for path, expected in grads[mx.cpu].items():  # relative to the gradient's norm: CUDA's float32 matmuls use TF32
+        error = np.linalg.norm(grads[mx.gpu][path] - expected)
+        assert error <= 1e-2 * np.linalg.norm(expected) + 1e-7, (path, error, np.linalg.norm(expected))

@@ -72,7 +72,9 @@ def test_window_mask_matches_the_brute_force_definition(T, window):
     # Key j is visible from query i iff 0 <= i - j <= window (FlashAttention's window_size=(window, 0)).
     brute = np.array([[0 <= i - j <= window for j in range(T)] for i in range(T)]) if T <= 64 else None
     torch_mask = train.window_mask(T, window, torch.device("cpu")).numpy()
-    mlx_mask = np.array(train_mlx.attention_mask(T, window))
+    additive = np.array(train_mlx.attention_mask(T, window, mx.float32))
+    assert set(np.unique(additive)) == {0.0, -np.inf}
+    mlx_mask = additive == 0
     if brute is not None:
         np.testing.assert_array_equal(torch_mask, brute)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
@@ -84,8 +86,9 @@ def test_window_mask_matches_the_brute_force_definition(T, window):
 
 def test_masks_are_built_once_per_shape():
     assert train.window_mask(64, 32, torch.device("cpu")) is train.window_mask(64, 32, torch.device("cpu"))
-    assert train_mlx.attention_mask(64, 32) is train_mlx.attention_mask(64, 32)
-    assert train_mlx.attention_mask(64, 64) == "causal"  # full layers take the fused causal path
+    assert train_mlx.attention_mask(64, 32, mx.bfloat16) is train_mlx.attention_mask(64, 32, mx.bfloat16)
+    assert train_mlx.attention_mask(64, 32, mx.bfloat16).dtype == mx.bfloat16  # the dtype of q, k and v
+    assert train_mlx.attention_mask(64, 64, mx.bfloat16) == "causal"  # full layers take the fused causal path
 
 
 def test_windowed_attention_equals_explicit_softmax():
@@ -134,6 +137,20 @@ def test_mlx_master_weights_are_float32_and_embeddings_take_the_compute_dtype():
     for path, p in tree_flatten(model.parameters()):
         expected = mx.bfloat16 if path.startswith(("transformer.wte", "value_embeds")) else mx.float32
         assert p.dtype == expected, path
+
+
+def test_mlx_embedding_gradient_sums_repeated_tokens_in_float32():
+    # 1000 repeats of one token: a bf16 running sum stalls at 256 (8-bit mantissa); the float32 sum is exact.
+    table = train_mlx.Embedding(16, 4)
+    table.weight = table.weight.astype(mx.bfloat16)
+    idx = mx.array([[3] * 1000 + [5] * 7], dtype=mx.int32)
+    loss = lambda weight: train_mlx.embedding_lookup(weight, idx).astype(mx.float32).sum()
+    grad = mx.grad(loss)(table.weight)
+    assert grad.dtype == mx.bfloat16  # stored like the table, as PyTorch's .grad
+    expected = np.zeros((16, 4), dtype=np.float32)
+    expected[3], expected[5] = 1000, 7
+    np.testing.assert_array_equal(np.array(grad.astype(mx.float32)), expected)
+    np.testing.assert_array_equal(np.array(table(idx).astype(mx.float32)), np.array(table.weight[idx].astype(mx.float32)))
 
 
 def test_mlx_residual_stream_stays_in_the_compute_dtype(monkeypatch):
