@@ -66,8 +66,19 @@ def test_cuda_flex_attention_matches_the_sdpa_window_mask():
     torch.testing.assert_close(flex, sdpa, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
-                    reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
+needs_mlx_gpu = pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                                   reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
+
+
+def mlx_copy(torch_model, dtype):
+    """train_mlx's GPT holding torch_model's weights, built on the current stream's device."""
+    model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
+    model.init_weights(dtype=dtype)
+    torch_to_mlx(torch_model, model)
+    return model
+
+
+@needs_mlx_gpu
 def test_mlx_gpu_matches_mlx_cpu_in_bf16_and_float32():
     cpu, _ = torch_pair("cpu")
     x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
@@ -75,17 +86,13 @@ def test_mlx_gpu_matches_mlx_cpu_in_bf16_and_float32():
     for dtype in (mx.float32, mx.bfloat16):
         for device in (mx.cpu, mx.gpu):
             with mx.stream(device):
-                model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
-                model.init_weights(dtype=dtype)
-                torch_to_mlx(cpu, model)
-                results[dtype, device] = np.array(model(x, y, reduction="none"))
+                results[dtype, device] = np.array(mlx_copy(cpu, dtype)(x, y, reduction="none"))
     np.testing.assert_allclose(results[mx.float32, mx.gpu], results[mx.float32, mx.cpu], rtol=1e-3, atol=1e-3)
     # bf16 compute: the loss stays close to float32's (the residual stream must not silently run in float32)
     assert np.abs(results[mx.bfloat16, mx.gpu] - results[mx.float32, mx.cpu]).mean() < 0.05
 
 
-@pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
-                    reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
+@needs_mlx_gpu
 def test_mlx_gpu_gradients_match_mlx_cpu():
     # The GPU's own attention and embedding backward (additive window mask, float32 embedding gradient sum)
     cpu, _ = torch_pair("cpu")
@@ -93,9 +100,7 @@ def test_mlx_gpu_gradients_match_mlx_cpu():
     grads = {}
     for device in (mx.cpu, mx.gpu):
         with mx.stream(device):
-            model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
-            model.init_weights(dtype=mx.float32)
-            torch_to_mlx(cpu, model)
+            model = mlx_copy(cpu, mx.float32)
             _, g = nn.value_and_grad(model, lambda x, y: model(x, y))(x, y)
             grads[device] = {path: np.array(a) for path, a in tree_flatten(g)}
     assert grads[mx.gpu].keys() == grads[mx.cpu].keys()
