@@ -70,39 +70,37 @@ needs_mlx_gpu = pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(
                                    reason="needs MLX with a GPU (Metal on a Mac, or MLX's CUDA build)")
 
 
-def mlx_copy(torch_model, dtype):
-    """train_mlx's GPT holding torch_model's weights, built on the current stream's device."""
-    model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
-    model.init_weights(dtype=dtype)
-    torch_to_mlx(torch_model, model)
-    return model
+def on_cpu_and_gpu(fn, dtype):
+    """fn(model, x, y) with train_mlx's GPT built on MLX's CPU and on its GPU, both holding the same weights."""
+    cpu, _ = torch_pair("cpu")
+    x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
+    results = {}
+    for device in (mx.cpu, mx.gpu):
+        with mx.stream(device):
+            model = train_mlx.GPT(train_mlx.GPTConfig(**TINY))
+            model.init_weights(dtype=dtype)
+            torch_to_mlx(cpu, model)
+            results[device] = fn(model, x, y)
+    return results
 
 
 @needs_mlx_gpu
 def test_mlx_gpu_matches_mlx_cpu_in_bf16_and_float32():
-    cpu, _ = torch_pair("cpu")
-    x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
-    results = {}
-    for dtype in (mx.float32, mx.bfloat16):
-        for device in (mx.cpu, mx.gpu):
-            with mx.stream(device):
-                results[dtype, device] = np.array(mlx_copy(cpu, dtype)(x, y, reduction="none"))
-    np.testing.assert_allclose(results[mx.float32, mx.gpu], results[mx.float32, mx.cpu], rtol=1e-3, atol=1e-3)
+    losses = lambda model, x, y: np.array(model(x, y, reduction="none"))
+    results = {dtype: on_cpu_and_gpu(losses, dtype) for dtype in (mx.float32, mx.bfloat16)}
+    np.testing.assert_allclose(results[mx.float32][mx.gpu], results[mx.float32][mx.cpu], rtol=1e-3, atol=1e-3)
     # bf16 compute: the loss stays close to float32's (the residual stream must not silently run in float32)
-    assert np.abs(results[mx.bfloat16, mx.gpu] - results[mx.float32, mx.cpu]).mean() < 0.05
+    assert np.abs(results[mx.bfloat16][mx.gpu] - results[mx.float32][mx.cpu]).mean() < 0.05
 
 
 @needs_mlx_gpu
 def test_mlx_gpu_gradients_match_mlx_cpu():
     # The GPU's own attention and embedding backward (additive window mask, float32 embedding gradient sum)
-    cpu, _ = torch_pair("cpu")
-    x, y = (mx.array(t.numpy(), dtype=mx.int32) for t in batch())
-    grads = {}
-    for device in (mx.cpu, mx.gpu):
-        with mx.stream(device):
-            model = mlx_copy(cpu, mx.float32)
-            _, g = nn.value_and_grad(model, lambda x, y: model(x, y))(x, y)
-            grads[device] = {path: np.array(a) for path, a in tree_flatten(g)}
+    def gradients(model, x, y):
+        _, g = nn.value_and_grad(model, lambda x, y: model(x, y))(x, y)
+        return {path: np.array(a) for path, a in tree_flatten(g)}
+
+    grads = on_cpu_and_gpu(gradients, mx.float32)
     assert grads[mx.gpu].keys() == grads[mx.cpu].keys()
     for path, expected in grads[mx.cpu].items():  # relative to the gradient's norm: CUDA's float32 matmuls use TF32
         error = np.linalg.norm(grads[mx.gpu][path] - expected)
