@@ -66,6 +66,18 @@ def attention_mask(T, window, dtype):
     return mx.where((i - j >= 0) & (i - j <= window), 0.0, -mx.inf).astype(dtype)
 
 
+def attention(q, k, v, window):
+    """Causal attention over (B, H, T, D) with a left window. MLX's CUDA build trains with fused cuDNN kernels,
+    forward and backward. Metal, and MLX's CPU build, run attention unfused whenever gradients are needed (the fused
+    kernel serves only inference), so autodiff would keep every layer's B*H*T*T scores and probabilities for the
+    backward: 512 MiB per tensor per layer at B=16, H=4, T=2048 in bf16. There, mx.checkpoint keeps only q, k, v and
+    the output, and recomputes one layer's scores at a time in the backward (one more attention forward per layer)."""
+    mask = attention_mask(q.shape[2], window, q.dtype)
+    sdpa = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1]**-0.5, mask=mask)
+    fused_backward = mx.default_device() == mx.gpu and not mx.metal.is_available()  # MLX's CUDA build
+    return sdpa(q, k, v) if fused_backward else mx.checkpoint(sdpa)(q, k, v)
+
+
 @mx.custom_function
 def embedding_lookup(weight, idx):
     return weight[idx]
@@ -79,6 +91,62 @@ def embedding_lookup_vjp(primals, cotangent, output):
     weight, idx = primals
     grad = mx.zeros(weight.shape, mx.float32).at[idx].add(cotangent.astype(mx.float32))
     return grad.astype(weight.dtype), mx.zeros_like(idx)
+
+
+def chunks(a, n):
+    """a split into n slices along its first axis (the last ones shorter when n does not divide it)."""
+    size = -(-a.shape[0] // n)
+    return [a[i:i + size] for i in range(0, a.shape[0], size)]
+
+
+@mx.custom_function
+def lm_head_cross_entropy(x, weight, targets, softcap, n_chunks):
+    """Per-token cross-entropy (float32) of the softcapped logits softcap * tanh(x @ weight.T / softcap), for x of
+    shape (tokens, n_embd), computed n_chunks slices of the tokens at a time: what lm_head, `.astype(float32)`,
+    the softcap and the cross-entropy compute in train.py, without ever holding all (tokens, vocab) logits."""
+    w = weight.astype(x.dtype)
+    losses = []
+    for xc, tc in zip(chunks(x, n_chunks), chunks(targets, n_chunks)):
+        capped = softcap * mx.tanh((xc @ w.T).astype(mx.float32) / softcap)
+        losses.append(mx.logsumexp(capped, axis=-1) - mx.take_along_axis(capped, tc[:, None], axis=-1)[:, 0])
+    return mx.concatenate(losses)
+
+
+@lm_head_cross_entropy.vjp
+def lm_head_cross_entropy_vjp(primals, cotangent, output):
+    # Replaces autodiff through lm_head and the float32 loss chain, which keeps the logits and several float32
+    # copies of them (cast, scaled, tanh, softmax) for the backward: 64 MiB each per 2048-token row at vocab 8192.
+    # Here each slice's logits are recomputed (one more lm_head matmul, ~4% of a depth-8 step's FLOPs) and turned
+    # into gradients at once: d loss / d capped = softmax - onehot, d capped / d logits = 1 - tanh^2, and the softmax
+    # comes from the saved loss (loss = logsumexp - capped target).
+    # Made to depend on the cotangent, the inputs are new nodes to mx.compile: it cannot merge the recomputed logits
+    # with the forward's (which would keep those alive until the backward), nor compute them before they are needed.
+    x, weight, targets, softcap, n_chunks = primals
+    x, weight = mx.depends([x, weight], [cotangent])
+    w = weight.astype(x.dtype)
+    grad_x, grad_w = [], mx.zeros(weight.shape, mx.float32)
+    for xc, tc, gc, lc in zip(*(chunks(a, n_chunks) for a in (x, targets, cotangent, output))):
+        t = mx.tanh((xc @ w.T).astype(mx.float32) / softcap)
+        log_sum_exp = lc + softcap * mx.take_along_axis(t, tc[:, None], axis=-1)[:, 0]
+        onehot = mx.arange(w.shape[0]) == tc[:, None]
+        grad = gc[:, None] * (mx.exp(softcap * t - log_sum_exp[:, None]) - onehot) * (1 - t * t)
+        grad = grad.astype(x.dtype)
+        grad_x.append(grad @ w)
+        grad_w = grad_w + (grad.T @ xc).astype(mx.float32)
+    return mx.concatenate(grad_x), grad_w.astype(weight.dtype), mx.zeros_like(targets), None, None
+
+
+@mx.custom_function
+def relu_squared(x):
+    return mx.square(nn.relu(x))
+
+
+@relu_squared.vjp
+def relu_squared_vjp(primals, cotangent, output):
+    # Replaces autodiff through `relu` and `square`, which keeps both relu's input and its output for the backward:
+    # one (B, T, 4 * n_embd) tensor per layer more than this, which keeps only the input.
+    x = primals  # a function of one array gets that array, not a tuple
+    return 2 * nn.relu(x) * cotangent
 
 
 class Embedding(nn.Embedding):
@@ -126,9 +194,7 @@ class CausalSelfAttention(nn.Module):
 
         q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q, k = norm(rope(q)), norm(rope(k))
-        # Fused attention (grouped kv-heads supported): the B*H*T*T score matrix is never materialised here.
-        mask = attention_mask(T, window, q.dtype)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        y = attention(q, k, v, window)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y)
 
@@ -141,7 +207,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         x = self.c_fc(x)
-        x = mx.square(nn.relu(x))
+        x = relu_squared(x)
         return self.c_proj(x)
 
 
@@ -275,14 +341,14 @@ class GPT(nn.Module):
         x = norm(x)
 
         softcap = 15
-        logits = self.lm_head(x)
-        logits = logits.astype(mx.float32)
-        logits = softcap * mx.tanh(logits / softcap)
-
+        loss_chunks = 8  # lm_head_cross_entropy holds the logits of 1/8 of the tokens at a time
         if targets is None:
-            return logits
+            logits = self.lm_head(x)
+            return softcap * mx.tanh(logits.astype(mx.float32) / softcap)
         valid = targets != -1  # ignore_index=-1, as F.cross_entropy in train.py
-        loss = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0), reduction="none") * valid
+        safe_targets = mx.where(valid, targets, 0).reshape(-1)
+        loss = lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, safe_targets, softcap, loss_chunks)
+        loss = loss.reshape(B, T) * valid
         return loss if reduction == "none" else loss.sum() / mx.maximum(valid.sum(), 1)
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ test_parity.py compares them with each other."""
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -152,6 +153,57 @@ def test_mlx_embedding_gradient_sums_repeated_tokens_in_float32():
     np.testing.assert_array_equal(np.array(grad.astype(mx.float32)), expected)
     as_numpy = lambda a: np.array(a.astype(mx.float32))
     np.testing.assert_array_equal(as_numpy(table(idx)), as_numpy(table.weight[idx]))  # the forward is a plain lookup
+
+
+def mlx_grads(fn, *args):
+    """fn's value and its gradients with respect to every array argument, as float64 numpy arrays."""
+    value, grads = mx.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+    return [np.array(a.astype(mx.float32), dtype=np.float64) for a in (value, *grads)]
+
+
+@pytest.mark.parametrize("n_chunks", [1, 3, 8])  # 3 does not divide the 37 tokens: the last slice is shorter
+def test_mlx_lm_head_cross_entropy_matches_autodiff(n_chunks):
+    # The custom VJP against MLX's own autodiff of what it replaces: lm_head, the float32 softcap, cross-entropy
+    rng = np.random.default_rng(0)
+    x, weight = mx.array(rng.normal(size=(37, 16)), mx.float32), mx.array(3 * rng.normal(size=(64, 16)), mx.float32)
+    targets = mx.array(rng.integers(0, 64, 37), mx.int32)
+    weights = mx.array(rng.normal(size=37), mx.float32)  # a cotangent other than 1 for every token
+
+    def autodiff(x, weight):
+        logits = 15 * mx.tanh((x @ weight.T).astype(mx.float32) / 15)
+        return (nn.losses.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+    def custom(x, weight):
+        return (train_mlx.lm_head_cross_entropy(x, weight, targets, 15, n_chunks) * weights).sum()
+
+    for got, expected in zip(mlx_grads(custom, x, weight), mlx_grads(autodiff, x, weight)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    compiled = mx.compile(mx.grad(custom, argnums=(0, 1)))(x, weight)  # the trainer compiles it
+    for got, expected in zip(compiled, mlx_grads(autodiff, x, weight)[1:]):
+        np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mlx_relu_squared_matches_autodiff():
+    x = mx.array(np.random.default_rng(0).normal(size=(4, 9)), mx.float32)
+    weights = mx.array(np.random.default_rng(1).normal(size=(4, 9)), mx.float32)
+    got = mlx_grads(lambda x: (train_mlx.relu_squared(x) * weights).sum(), x)
+    expected = mlx_grads(lambda x: (mx.square(mx.maximum(x, 0)) * weights).sum(), x)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("window", [20, 64])  # a windowed layer (additive mask) and a full one (causal)
+def test_mlx_attention_equals_the_fused_call_forward_and_backward(window):
+    # On MLX's CPU (and Metal) attention() recomputes the scores in the backward (mx.checkpoint): the values and
+    # the gradients must be those of mx.fast.scaled_dot_product_attention itself.
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.normal(size=(2, 3, 64, 16)), mx.float32) for _ in range(3))
+    weights = mx.array(rng.normal(size=(2, 3, 64, 16)), mx.float32)
+    mask = train_mlx.attention_mask(64, window, mx.float32)
+    fused = lambda q, k, v: (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask) * weights).sum()
+    ours = lambda q, k, v: (train_mlx.attention(q, k, v, window) * weights).sum()
+    for got, expected in zip(mlx_grads(ours, q, k, v), mlx_grads(fused, q, k, v)):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_mlx_residual_stream_stays_in_the_compute_dtype(monkeypatch):
