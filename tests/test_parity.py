@@ -60,8 +60,11 @@ def test_same_sizes_and_flops(depth):
     assert torch_shapes == {k: tuple(v.shape) for k, v in tree_flatten(mm.parameters())}
 
 
+INIT_CONFIG = dict(TINY, vocab_size=2048, n_embd=256)
+
+
 def test_same_init_statistics():
-    config = dict(TINY, vocab_size=2048, n_embd=256)
+    config = INIT_CONFIG
     torch.manual_seed(0)
     tm = train.GPT(train.GPTConfig(**config))
     tm.init_weights(dtype=torch.float32)
@@ -84,9 +87,6 @@ def test_same_init_statistics():
         if "c_" in name or "value_embeds" in name:
             assert a.min() >= -s and b.min() >= -s and a.max() <= s and b.max() <= s, name
             assert abs(a.std() - s / 3**0.5) < 0.03 * s, name
-
-
-INIT_CONFIG = dict(TINY, vocab_size=2048, n_embd=256)
 
 
 def original_init(name, n_embd):
