@@ -35,19 +35,25 @@ def float32_rms_norm(device_type):
         library._destroy()  # the registration goes with it
 
 
-def check_norm(device):
-    """norm() returns its input's dtype and uses float32's eps (F.rms_norm's default for bf16 and float32 inputs).
-    A row of 1e-2 tells float32's eps (1.2e-7: ~1.0 out) from bf16's (7.8e-3: 0.11 out); a row of 1e-4 tells
-    it from no eps at all (0.28 out, not 1.0)."""
+def norm_probe():
+    """bf16 rows and what RMSNorm must make of them: F.rms_norm's own result for a bf16 input (PyTorch 2.11 on
+    CUDA, 2.15 on the CPU, compiled or not), float32 math with float32's eps, returned in bf16. A row of 1e-2
+    tells float32's eps (1.2e-7: ~1.0 out) from bf16's (7.8e-3: 0.11 out); a row of 1e-4 tells it from no eps
+    at all (0.28 out, not 1.0)."""
     C = 128
     x = torch.stack([torch.full((C,), 1e-2), torch.full((C,), 1e-4), torch.randn(C, generator=torch.Generator().manual_seed(0))])
-    x = x.to(device=device, dtype=torch.bfloat16)
-    with float32_rms_norm(torch.device(device).type), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        y = train.norm(x)
-    assert y.dtype == torch.bfloat16, y.dtype
-    x64 = x.double().cpu()
+    x64 = x.bfloat16().double()
     expected = x64 / (x64.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps).sqrt()
-    torch.testing.assert_close(y.cpu().double(), expected.bfloat16().double(), rtol=1e-2, atol=0)
+    return x.bfloat16(), expected.bfloat16().double()
+
+
+def check_norm(device):
+    """Under bf16 autocast, norm() returns bf16 and matches norm_probe's expectation."""
+    x, expected = norm_probe()
+    with float32_rms_norm(torch.device(device).type), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        y = train.norm(x.to(device))
+    assert y.dtype == torch.bfloat16, y.dtype
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=1e-2, atol=0)
 
 
 def check_bf16_forward(device):

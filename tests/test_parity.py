@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 import prepare
 import train
 import train_mlx
+from tests.compute_dtype import norm_probe
 from tests.convert import mlx_to_torch, torch_to_mlx
 
 TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
@@ -159,13 +160,7 @@ def test_init_distance_tells_near_misses_apart():
 
 
 def test_norm_agrees_in_bf16_with_float32_eps():
-    # F.rms_norm on a bf16 input (PyTorch 2.11 on CUDA, 2.15 on the CPU, compiled or not) computes in float32 with
-    # float32's eps and returns bf16. A row of 1e-2 tells float32's eps from bf16's (~1.0 out, not 0.11), a row of
-    # 1e-4 tells it from none (0.28 out, not 1.0).
-    x = np.stack([np.full(128, 1e-2), np.full(128, 1e-4), np.random.default_rng(0).standard_normal(128)])
-    x = torch.from_numpy(x).bfloat16()
-    x64 = x.double()
-    expected = (x64 / (x64.square().mean(-1, keepdim=True) + np.finfo(np.float32).eps).sqrt()).bfloat16().double()
+    x, expected = norm_probe()  # F.rms_norm's result for bf16 rows: float32 math, float32's eps
     ours = train.norm(x)
     theirs = train_mlx.norm(mx.array(x.float().numpy()).astype(mx.bfloat16))
     assert ours.dtype == torch.bfloat16 and theirs.dtype == mx.bfloat16
