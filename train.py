@@ -48,7 +48,10 @@ class GPTConfig:
 
 
 def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    # What F.rms_norm does with a bf16 input on its own: float32 math with float32's eps, the result in x's dtype.
+    # Spelled out because CUDA autocast runs rms_norm in float32 since PyTorch 2.12 and would return float32,
+    # turning the bf16 residual stream, q and k into float32 (and flex_attention refuses q/k/v of mixed dtypes).
+    return F.rms_norm(x.float(), (x.size(-1),), eps=torch.finfo(torch.float32).eps).to(x.dtype)
 
 
 def has_ve(layer_idx, n_layer):

@@ -38,8 +38,9 @@ class GPTConfig:
 
 
 def norm(x):
-    # eps as PyTorch's F.rms_norm default: the machine epsilon of the input dtype
-    return mx.fast.rms_norm(x, None, mx.finfo(x.dtype).eps)
+    # eps as PyTorch's F.rms_norm default for bf16 and float32 inputs, which it computes in float32: float32's
+    # machine epsilon (bf16's, 7.8e-3, would shrink rows of small activations)
+    return mx.fast.rms_norm(x, None, mx.finfo(mx.float32).eps)
 
 
 def has_ve(layer_idx, n_layer):

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 import train
 import train_mlx
+from tests.compute_dtype import check_bf16_forward, check_compiled, check_norm
 from tests.convert import torch_to_mlx
 
 TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
@@ -54,6 +55,20 @@ def test_mps_forward_matches_cpu_and_the_optimizer_steps():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (PyTorch CUDA)")
 def test_cuda_forward_matches_cpu_and_the_optimizer_steps():
     check_torch_device("cuda")
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs an Apple GPU (PyTorch MPS)")
+def test_mps_bf16_autocast_keeps_bf16_through_norm():
+    check_norm("mps")
+    check_bf16_forward("mps")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (PyTorch CUDA)")
+def test_cuda_bf16_autocast_keeps_bf16_through_norm_compiled_too():
+    # rms_norm runs in float32 under CUDA autocast (PyTorch's rule from 2.12 on, installed by the test before)
+    check_norm("cuda")
+    model, idx = check_bf16_forward("cuda")  # windowed layers go through flex_attention here
+    check_compiled(model, idx, "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (flex_attention's CUDA path)")

@@ -5,7 +5,9 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, SMOKE_ENV, run_script
@@ -116,3 +118,72 @@ def test_invalid_backend_is_a_one_line_error(tmp_path):
     returncode, _, log = run_script(os.path.join(ROOT, "train.py"), str(tmp_path), env={"AUTORESEARCH_BACKEND": "tpu"})
     assert returncode != 0
     assert log.strip().count("\n") == 0 and "mlx, mps, cuda, cpu" in log, log
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation, through each trainer's own step code
+# ---------------------------------------------------------------------------
+
+PERTURB_AFTER_INIT = {  # noise on every weight: from the exact init, the zero output projections leave half the
+    # network without a gradient and the lambdas with rounding noise for one (see test_parity.perturb)
+    "train.py": "for p in model.parameters(): p.data.add_(0.02 * torch.randn_like(p))",
+    "train_mlx.py": "model.update(tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape, dtype=p.dtype), model.parameters()))",
+}
+DUMP_AFTER_FIRST_STEP = {  # written where the loop reads the step's loss, so right after the first optimizer step
+    "train.py": [
+        "import numpy as np",
+        "names = {p: n for n, p in model.named_parameters()}",
+        "arrays = {**dict(model.named_parameters()), **{f'optimizer.{names[p]}.{k}': v for p, s in optimizer.state.items()"
+        " for k, v in s.items() if torch.is_tensor(v)}}",
+        "np.savez('first_step.npz', **{n: t.detach().float().cpu().numpy() for n, t in arrays.items()})",
+        "sys.exit(0)",
+    ],
+    "train_mlx.py": [
+        "import numpy as np",
+        "arrays = {**dict(tree_flatten(model.parameters())), **{f'optimizer.{n}': a for n, a in tree_flatten(optimizer.state)}}",
+        "np.savez('first_step.npz', **{n: np.array(a.astype(mx.float32)) for n, a in arrays.items()})",
+        "sys.exit(0)",
+    ],
+}
+
+
+def first_step(tmp_path, script, rows, micro_batches, seq_len=128):
+    """Parameters and optimizer state after the first optimizer step of a 1-layer model (its weights perturbed)
+    whose steps take `micro_batches` micro-batches of `rows` rows each. The dataloader packs rows one after another,
+    so every split of the same number of rows trains on the same tokens."""
+    text = open(os.path.join(ROOT, script)).read()
+    line = lambda start: next(l for l in text.splitlines() if l.strip().startswith(start))
+    indented = lambda anchor, code: anchor + "\n" + anchor[:len(anchor) - len(anchor.lstrip())] + code
+    edits = [
+        (line("DEPTH = "), f"DEPTH = 1\nMAX_SEQ_LEN = {seq_len}"),
+        (line("DEVICE_BATCH_SIZE = "), f"DEVICE_BATCH_SIZE = {rows}"),
+        (line("TOTAL_BATCH_SIZE = "), f"TOTAL_BATCH_SIZE = {rows * micro_batches * seq_len}"),
+        (line("model.init_weights("), indented(line("model.init_weights("), PERTURB_AFTER_INIT[script])),
+        (line("train_loss_f = "), indented(line("train_loss_f = "), "; ".join(DUMP_AFTER_FIRST_STEP[script]))),
+    ]
+    if script == "train_mlx.py":  # float32 on MLX's CPU, also on a Mac with a GPU
+        edits.append(('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)'))
+    folder = tmp_path / f"{rows}x{micro_batches}"
+    folder.mkdir()
+    path = edited_copy(folder, script, *edits)
+    returncode, _, log = run_script(path, str(folder), env={"AUTORESEARCH_BACKEND": "cpu"})
+    assert returncode == 0, log[-3000:]
+    assert f"Gradient accumulation steps: {micro_batches}" in log
+    return dict(np.load(folder / "first_step.npz"))
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache, tmp_path, script):
+    with ThreadPoolExecutor(2) as pool:  # two processes at once: most of each run is start-up
+        one_batch, accumulated = pool.map(lambda split: first_step(tmp_path, script, *split), [(4, 1), (2, 2)])
+    assert one_batch.keys() == accumulated.keys() and any(name.startswith("optimizer.") for name in one_batch)
+    for name in sorted(one_batch, key=lambda name: not name.startswith("optimizer.")):  # the gradients first
+        got, expected = accumulated[name], one_batch[name]
+        if name.startswith("optimizer."):
+            # The moments hold the gradient the step was computed from (a gradient twice too large doubles them)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(), err_msg=name)
+        else:
+            # Adam's first step is lr * g / (|g| + 1e-10), about lr * sign(g): an entry whose gradient is down at
+            # rounding level may step differently after the other summation order. One entry in 10,000 may.
+            mismatched = ~np.isclose(got, expected, rtol=1e-4, atol=1e-6)
+            assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())

@@ -1,6 +1,8 @@
 """train.py and train_mlx.py are one experiment: the same sizes, init, outputs, training curve and metric.
 Both run on CPU in float32 here, so any difference is a difference in the programs, not in rounding."""
 import math
+import re
+from statistics import NormalDist
 
 import mlx.core as mx
 import numpy as np
@@ -11,6 +13,7 @@ from mlx.utils import tree_flatten
 import prepare
 import train
 import train_mlx
+from tests.compute_dtype import norm_probe
 from tests.convert import mlx_to_torch, torch_to_mlx
 
 TINY = dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=128, window_pattern="SSSL")
@@ -58,8 +61,11 @@ def test_same_sizes_and_flops(depth):
     assert torch_shapes == {k: tuple(v.shape) for k, v in tree_flatten(mm.parameters())}
 
 
+INIT_CONFIG = dict(TINY, vocab_size=2048, n_embd=256)
+
+
 def test_same_init_statistics():
-    config = dict(TINY, vocab_size=2048, n_embd=256)
+    config = INIT_CONFIG
     torch.manual_seed(0)
     tm = train.GPT(train.GPTConfig(**config))
     tm.init_weights(dtype=torch.float32)
@@ -82,6 +88,84 @@ def test_same_init_statistics():
         if "c_" in name or "value_embeds" in name:
             assert a.min() >= -s and b.min() >= -s and a.max() <= s and b.max() <= s, name
             assert abs(a.std() - s / 3**0.5) < 0.03 * s, name
+
+
+def original_init(name, n_embd):
+    """The original's init of a parameter: ("normal", std), ("uniform", bound) or ("constant", value)."""
+    s = 3**0.5 * n_embd**-0.5  # uniform with the std of N(0, 1/d)
+    rules = [
+        (r"transformer\.wte\.weight", ("normal", 1.0)),
+        (r"lm_head\.weight", ("normal", 0.001)),
+        (r"transformer\.h\.\d+\.(attn\.c_[qkv]|mlp\.c_fc)\.weight", ("uniform", s)),
+        (r"value_embeds\.\d+\.weight", ("uniform", s)),
+        (r"transformer\.h\.\d+\.(attn\.c_proj|mlp\.c_proj|attn\.ve_gate)\.weight", ("constant", 0.0)),
+        (r"resid_lambdas", ("constant", 1.0)),
+        (r"x0_lambdas", ("constant", 0.1)),
+    ]
+    matches = [law for pattern, law in rules if re.fullmatch(pattern, name)]
+    assert len(matches) == 1, f"{name}: no init rule (or several) in this test"
+    return matches[0]
+
+
+def cdf_distance(sample, law):
+    """The largest gap between the sample's CDF and the law's, read at the law's 0.1 %, 0.2 %, ... 99.9 % quantiles,
+    and the gap a sample of this size from the law itself exceeds with probability below 1e-6: by the
+    Dvoretzky-Kiefer-Wolfowitz inequality P(sup |F_n - F| > eps) <= 2 exp(-2 n eps^2), for any n."""
+    kind, scale = law
+    probabilities = np.arange(1, 1000) / 1000
+    if kind == "normal":
+        quantiles = np.array([NormalDist(0.0, scale).inv_cdf(p) for p in probabilities])
+    else:
+        quantiles = scale * (2 * probabilities - 1)
+    sample = np.sort(np.asarray(sample, dtype=np.float64).ravel())
+    empirical = np.searchsorted(sample, quantiles, side="right") / sample.size
+    return np.abs(empirical - probabilities).max(), math.sqrt(math.log(2 / 1e-6) / (2 * sample.size))
+
+
+def torch_init_params(seed=0):
+    torch.manual_seed(seed)
+    model = train.GPT(train.GPTConfig(**INIT_CONFIG))
+    model.init_weights(dtype=torch.float32)
+    return {name: t.numpy() for name, t in model.state_dict().items()}
+
+
+def mlx_init_params(seed=0):
+    mx.random.seed(seed)
+    model = train_mlx.GPT(train_mlx.GPTConfig(**INIT_CONFIG))
+    model.init_weights(dtype=mx.float32)
+    return {name: np.array(p) for name, p in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("init_params", [torch_init_params, mlx_init_params], ids=["train.py", "train_mlx.py"])
+def test_init_draws_each_parameter_from_the_originals_distribution(init_params):
+    for name, values in init_params().items():
+        kind, value = original_init(name, INIT_CONFIG["n_embd"])
+        if kind == "constant":
+            assert np.all(values == np.float32(value)), name
+            continue
+        distance, limit = cdf_distance(values, (kind, value))
+        assert distance < limit, f"{name}: CDF {distance:.4f} from {kind} {value:g} (limit {limit:.4f})"
+
+
+def test_init_distance_tells_near_misses_apart():
+    # The test above can fail: same mean and std, or the same family at twice the scale, is far past the limit
+    rng = np.random.default_rng(0)
+    n = INIT_CONFIG["vocab_size"] * INIT_CONFIG["n_embd"]
+    distance, limit = cdf_distance(rng.uniform(-3**0.5, 3**0.5, n), ("normal", 1.0))  # the embedding as U(+-sqrt 3)
+    assert distance > 10 * limit
+    distance, limit = cdf_distance(rng.normal(0, 0.002, n), ("normal", 0.001))  # lm_head at twice its std
+    assert distance > 10 * limit
+    distance, limit = cdf_distance(rng.normal(0, 1.0, n), ("normal", 1.0))
+    assert distance < limit
+
+
+def test_norm_agrees_in_bf16_with_float32_eps():
+    x, expected = norm_probe()  # F.rms_norm's result for bf16 rows: float32 math, float32's eps
+    ours = train.norm(x)
+    theirs = train_mlx.norm(mx.array(x.float().numpy()).astype(mx.bfloat16))
+    assert ours.dtype == torch.bfloat16 and theirs.dtype == mx.bfloat16
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-2, atol=0)
+    torch.testing.assert_close(torch.from_numpy(np.array(theirs.astype(mx.float32))).double(), expected, rtol=1e-2, atol=0)
 
 
 def test_rope_rotations_agree():
