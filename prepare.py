@@ -429,7 +429,13 @@ def train_tokenizer():
     train_paths, _ = data_shards()
     reason = tokenizer_staleness(train_paths)
     if reason is None:
-        print(f"Tokenizer: up to date at {TOKENIZER_DIR}")
+        enc = load_encoding(TOKENIZER_DIR)
+        problem = token_bytes_problem(enc, TOKENIZER_DIR)
+        if problem is None:
+            print(f"Tokenizer: up to date at {TOKENIZER_DIR}")
+            return
+        np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), token_byte_lengths(enc))
+        print(f"Tokenizer: up to date at {TOKENIZER_DIR}; rewrote token_bytes.npy, which {problem}")
         return
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
     record_path = os.path.join(TOKENIZER_DIR, TOKENIZER_RECORD)
@@ -458,12 +464,34 @@ def train_tokenizer():
     with open(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), "wb") as f:
         pickle.dump(enc, f)
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s, sanity check passed (vocab_size={enc.n_vocab})")
-
-    # token_bytes for BPB: 0 for specials, else the UTF-8 length of the token's decoded text
-    special_set = set(SPECIAL_TOKENS)
-    token_bytes = [0 if (s := enc.decode([i])) in special_set else len(s.encode("utf-8")) for i in range(enc.n_vocab)]
-    np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), np.array(token_bytes, dtype=np.int32))
+    np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), token_byte_lengths(enc))
     write_json(record_path, record)
+
+
+def token_byte_lengths(enc):
+    """int32 array for BPB: how many bytes of text each token id stands for, 0 for the special tokens. The token's
+    own bytes, not the UTF-8 of its decoded text (the original's rule): a token that is not valid UTF-8 on its own,
+    such as a lone high byte or a merge that ends inside a character, decodes to U+FFFD, which is 3 bytes."""
+    special = {enc.encode_single_token(name) for name in SPECIAL_TOKENS}
+    return np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                    dtype=np.int32)
+
+
+def token_bytes_problem(enc, tokenizer_dir):
+    """What is wrong with token_bytes.npy in tokenizer_dir for this tokenizer (a string), or None."""
+    try:
+        table = np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as e:
+        return f"is unreadable ({e})"
+    expected = token_byte_lengths(enc)
+    if table.shape != expected.shape:
+        return f"has {table.size} entries for {expected.size} tokens"
+    wrong = int((table != expected).sum())
+    if wrong:
+        return f"counts the bytes of {wrong} of {expected.size} tokens wrongly (made by an older prepare.py)"
+    return None
 
 # ---------------------------------------------------------------------------
 # Token cache: tokenize every shard once, so training reads token ids instead of text
@@ -565,15 +593,8 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
-        if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
-            if not list_parquet_files():
-                raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
-            raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
-        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
-            enc = pickle.load(f)
-        if enc.n_vocab != VOCAB_SIZE:
-            raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
-                               f"{RUN_PREPARE}")
+        enc = load_encoding(tokenizer_dir)
+        read_token_bytes(enc, tokenizer_dir)  # a stale table fails now, not at the evaluation after training
         return cls(enc)
 
     def get_vocab_size(self):
@@ -602,12 +623,30 @@ class Tokenizer:
         return self.enc.decode(ids)
 
 
+def load_encoding(tokenizer_dir):
+    """The tiktoken encoding that prepare.py trained, or a one-line error saying what to run."""
+    if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
+        if not list_parquet_files():
+            raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
+        raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
+    with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+        enc = pickle.load(f)
+    if enc.n_vocab != VOCAB_SIZE:
+        raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
+                           f"{RUN_PREPARE}")
+    return enc
+
+
+def read_token_bytes(enc, tokenizer_dir):
+    problem = token_bytes_problem(enc, tokenizer_dir)
+    if problem is not None:
+        raise PrepareError(f"error: {os.path.join(tokenizer_dir, 'token_bytes.npy')} {problem}: {RUN_PREPARE}")
+    return np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
+
+
 def get_token_bytes():
-    """int32 array: the UTF-8 byte length of every token id (0 for special tokens)."""
-    path = os.path.join(TOKENIZER_DIR, "token_bytes.npy")
-    if not os.path.exists(path):
-        raise PrepareError(f"error: no tokenizer in {TOKENIZER_DIR}: {RUN_PREPARE}")
-    return np.load(path)
+    """int32 array: the number of bytes of text each token id stands for (0 for special tokens)."""
+    return read_token_bytes(load_encoding(TOKENIZER_DIR), TOKENIZER_DIR)
 
 
 def _token_shards(tokenizer, split):

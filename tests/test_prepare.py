@@ -17,8 +17,8 @@ import pytest
 import tiktoken
 
 import prepare
-from corpus import (CAPPED_WORD, COMMON_WORD, VAL_ONLY_WORD, make_docs, reference_dataloader, run_prepare,
-                    run_python, use_cache, write_shard)
+from corpus import (CAPPED_WORD, COMMON_WORD, VAL_ONLY_WORD, make_docs, make_multilingual_docs, reference_dataloader,
+                    run_prepare, run_python, use_cache, write_shard)
 
 UNREACHABLE = {"AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # any download attempt would fail
 
@@ -108,13 +108,44 @@ def test_tokenizer_learns_from_training_text_only(tokenizer):
     assert len(tokenizer.encode(" " + CAPPED_WORD)) > 4
 
 
-def test_token_bytes_follow_the_decode_rule(tokenizer):
+def decode_rule(enc):
+    """The token_bytes of an older prepare.py (and of the original): the UTF-8 length of each token's decoded text,
+    3 bytes (U+FFFD) for any token that is not valid UTF-8 on its own."""
+    return np.array([0 if enc.decode([i]) in prepare.SPECIAL_TOKENS else len(enc.decode([i]).encode("utf-8"))
+                     for i in range(enc.n_vocab)], dtype=np.int32)
+
+
+def test_token_bytes_are_the_raw_bytes_of_each_token(tokenizer):
     token_bytes = prepare.get_token_bytes()
     assert token_bytes.dtype == np.int32 and token_bytes.shape == (8192,)
-    expected = [0 if tokenizer.decode([i]) in prepare.SPECIAL_TOKENS else len(tokenizer.decode([i]).encode("utf-8"))
-                for i in range(8192)]
-    assert token_bytes.tolist() == expected
+    assert token_bytes[:8188].tolist() == [len(tokenizer.enc.decode_single_token_bytes(i)) for i in range(8188)]
     assert token_bytes[8188:].tolist() == [0, 0, 0, 0] and token_bytes[:8188].min() >= 1
+    # a lone high byte (here 0xC3, the first byte of é) is one byte of text, not the three of U+FFFD
+    (high,) = tokenizer.enc.encode_single_token(bytes([0xC3])),
+    assert token_bytes[high] == 1 and decode_rule(tokenizer.enc)[high] == 3
+    text = "café naïve Zürich 東京 данные 😀 — 漢字とかな交じり文 Ελληνικά"  # rare characters: split into their bytes
+    assert token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+
+
+def test_val_bytes_are_the_bytes_of_the_text_on_accented_and_cjk_text(tmp_path, monkeypatch):
+    """The metric's denominator on a corpus of accented and Chinese text: every validation byte counted once."""
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = make_multilingual_docs(random.Random(5), 2100)
+    val_docs = docs[2000:]
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:2000]))
+    (src / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in val_docs))
+    result = run_prepare("--source", str(src), env={**UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    use_cache(monkeypatch, tmp_path / "cache")
+    tokenizer = load_tokenizer(tmp_path / "cache")
+    enc = tokenizer.enc
+    partial = [i for i in range(8188) if len(enc.decode_single_token_bytes(i)) > 1 and "\ufffd" in enc.decode([i])]
+    assert len(partial) >= 10  # merges that end inside a character: the tokens the decode rule got wrong
+    token_bytes = prepare.get_token_bytes()
+    ((tokens_path, _, _),) = prepare._token_shards(tokenizer, "val")
+    val_tokens = np.load(tokens_path)
+    assert token_bytes[val_tokens].sum() == sum(len(d.encode("utf-8")) for d in val_docs)
 
 
 def test_text_iterator_caps_documents_and_characters(prepared_cache):
@@ -299,6 +330,32 @@ def test_changed_validation_shard_retokenizes_without_retraining(cache_copy):
     x, _, _ = next(prepare.make_dataloader(tokenizer, 2, 128, "val"))
     x_ref, _, _ = next(reference_dataloader(tokenizer, 2, 128, "val"))
     assert np.array_equal(x, x_ref)
+
+def test_token_bytes_of_an_older_prepare_are_refused_then_rewritten(cache_copy):
+    """A cache prepared before token_bytes counted raw bytes: the trainers refuse it at startup (not after 5 minutes
+    of training), and rerunning prepare rewrites the table without retraining the tokenizer or retokenizing."""
+    path = cache_copy / "tokenizer" / "token_bytes.npy"
+    enc = load_tokenizer(cache_copy).enc
+    np.save(path, decode_rule(enc))
+    wrong = int((decode_rule(enc) != prepare.token_byte_lengths(enc)).sum())
+    assert wrong >= 128  # at least the lone high bytes
+    message = (f"error: {path} counts the bytes of {wrong} of 8192 tokens wrongly (made by an older prepare.py): "
+               f"run `uv run prepare.py`")
+    for load in (prepare.get_token_bytes, lambda: load_tokenizer(cache_copy)):
+        with pytest.raises(prepare.PrepareError) as info:
+            load()
+        assert str(info.value) == message
+    result = run_python("import prepare; prepare.Tokenizer.from_directory()")
+    assert result.returncode == 1 and result.stderr.splitlines() == [message]
+
+    before = snapshot(cache_copy / "tokens")
+    result = run_prepare("--num-shards", "3", env=UNREACHABLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"Tokenizer: up to date at {cache_copy}/tokenizer; rewrote token_bytes.npy, which counts the bytes of "
+            f"{wrong} of 8192 tokens wrongly (made by an older prepare.py)") in result.stdout.splitlines()
+    assert "Tokens: all 4 shards already tokenized" in result.stdout
+    assert snapshot(cache_copy / "tokens") == before
+    assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(enc).tolist()
 
 # ---------------------------------------------------------------------------
 # --source: local corpora
