@@ -219,52 +219,92 @@ SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so 
 VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
 
 
+SOURCE_TYPES = (".parquet", ".jsonl", ".txt")
+
+
 def source_files(source):
+    """(the corpus files of source in sorted order, the names of the other files found beside them)."""
     if os.path.isfile(source):
-        return [source]
+        if not source.endswith(SOURCE_TYPES):
+            raise PrepareError(f"error: --source {source}: not a .parquet, .jsonl or .txt file "
+                               f"(a plain-text corpus must end in .txt)")
+        return [source], []
     if not os.path.isdir(source):
         raise PrepareError(f"error: --source {source}: no such file or folder")
-    found = []
-    for root, dirs, files in os.walk(source):
+
+    def unlistable(e):
+        raise PrepareError(f"error: {e.filename}: cannot list it ({e.strerror})")
+
+    found, skipped = [], []
+    for root, dirs, files in os.walk(source, onerror=unlistable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, f) for f in files if f.endswith((".parquet", ".jsonl", ".txt"))]
+        found += [os.path.join(root, f) for f in files if f.endswith(SOURCE_TYPES)]
+        skipped += [os.path.relpath(os.path.join(root, f), source) for f in files
+                    if not f.endswith(SOURCE_TYPES) and not f.startswith(".")]
     if not found:
         raise PrepareError(f"error: --source {source}: no .parquet, .jsonl or .txt files")
-    return sorted(found)
+    return sorted(found), sorted(skipped)
 
 
 def source_documents(path):
-    """Yield the non-empty documents of one source file."""
-    if path.endswith(".parquet"):
-        pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise PrepareError(f"error: {path}: no `text` column")
-        for rg in range(pf.num_row_groups):
-            yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line).get("text")
-                except (ValueError, AttributeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise PrepareError(f"error: {path}:{lineno}: not a JSON object with a string field `text`")
-                if text:
-                    yield text
-    else:
-        with open(path, encoding="utf-8") as f:
+    """Yield the non-empty documents of one source file; a file that cannot be read is a one-line error."""
+    try:
+        if path.endswith(".parquet"):
+            yield from parquet_documents(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield from (jsonl_documents if path.endswith(".jsonl") else txt_documents)(f, path)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"error: {path}:{first_non_utf8_line(path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): "
+                           f"convert the file to UTF-8")
+    except pa.ArrowException as e:
+        raise PrepareError(f"error: {path}: not a readable parquet file ({' '.join(str(e).split())})")
+    except OSError as e:
+        raise PrepareError(f"error: {path}: cannot read it ({e.strerror or ' '.join(str(e).split())})")
+
+
+def parquet_documents(path):
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise PrepareError(f"error: {path}: no `text` column")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PrepareError(f"error: {path}: column `text` holds {kind}, not strings")
+    for rg in range(pf.num_row_groups):
+        yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
+
+
+def jsonl_documents(f, path):
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line).get("text")
+        except (ValueError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            raise PrepareError(f"error: {path}:{lineno}: not a JSON object with a string field `text`")
+        if text:
+            yield text
+
+
+def txt_documents(f, path):
+    block = []
+    for line in f:
+        if line.strip() and line.strip() != "<|endoftext|>":
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\n")
             block = []
-            for line in f:
-                if line.strip() and line.strip() != "<|endoftext|>":
-                    block.append(line)
-                elif block:
-                    yield "".join(block).rstrip("\n")
-                    block = []
-            if block:
-                yield "".join(block).rstrip("\n")
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def first_non_utf8_line(path):
+    """The number of the first line of path that is not UTF-8 (the byte \\n never occurs inside a multi-byte
+    character, so the raw lines are the text's lines)."""
+    with open(path, "rb") as f:
+        return next(n for n, line in enumerate(f, 1) if line.decode("utf-8", "ignore").encode("utf-8") != line)
 
 
 def write_shard(name, docs):
@@ -284,7 +324,7 @@ def write_shard(name, docs):
 
 def build_from_source(source):
     """Write the documents of a local corpus into DATA_DIR as training shards + the validation shard."""
-    files = source_files(source)
+    files, skipped = source_files(source)
     relative = {f: os.path.relpath(f, source) if os.path.isdir(source) else os.path.basename(f) for f in files}
     val_files = [f for f in files if os.path.basename(f) == VAL_FILENAME or VAL_NAME.search(relative[f])]
     train_files = [f for f in files if f not in val_files]
@@ -310,7 +350,11 @@ def build_from_source(source):
             held_out += lengths[n_train]
         if n_train < 1:
             raise PrepareError(f"error: --source {source}: need at least 2 documents (training + validation)")
-    print(f"Source: reading {len(files)} files from {source}")
+    if skipped:
+        names = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        print(f"Source: reading {len(files)} files from {source} (skipped {len(skipped)} of other types: {names})")
+    else:
+        print(f"Source: reading {len(files)} files from {source}")
 
     written, changed, shard, chars, val_docs = [], 0, [], 0, []
     for i, doc in enumerate(train_docs()):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -428,6 +429,8 @@ def test_source_without_validation_file_holds_out_the_tail(tmp_path, monkeypatch
 @pytest.mark.parametrize("setup,message", [
     (lambda src: None, "no such file or folder"),
     (lambda src: src.mkdir() or (src / "notes.md").write_text("x"), "no .parquet, .jsonl or .txt files"),
+    (lambda src: src.mkdir() or (src / "a.jsonl").write_text("") or (src / "b.txt").write_text("\n\n"),
+     "need at least 2 documents"),  # empty files
     (lambda src: src.mkdir() or (src / "a.jsonl").write_text('{"text": "ok"}\n[1, 2]\n'), r"a.jsonl:2: not a JSON object"),
     (lambda src: src.mkdir() or (src / "a.jsonl").write_text('{"body": "x"}\n'), r"a.jsonl:1: not a JSON object with a string field `text`"),
     (lambda src: src.mkdir() or pq.write_table(pa.table({"body": ["x"]}), src / "a.parquet"), "a.parquet: no `text` column"),
@@ -440,6 +443,102 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch, setup, message):
     with pytest.raises(prepare.PrepareError, match=message) as info:
         prepare.build_from_source(str(tmp_path / "src"))
     assert "\n" not in str(info.value)
+
+
+def write_text_docs(path, n=3):
+    path.write_text("".join(f"document {i}\n\n" for i in range(n)))
+
+
+# Unreadable inputs: each ends in one line that names the file (and the line, for text) and the problem
+UNREADABLE = {
+    "not parquet": (lambda src: (src / "a.parquet").write_text("just text"),
+                    r"{src}/a\.parquet: not a readable parquet file \(.*magic bytes.*\)"),
+    "empty parquet": (lambda src: (src / "a.parquet").write_bytes(b""),
+                      r"{src}/a\.parquet: not a readable parquet file \(.*0 bytes.*\)"),
+    "text of numbers": (lambda src: pq.write_table(pa.table({"text": [1, 2]}), src / "a.parquet"),
+                        r"{src}/a\.parquet: column `text` holds int64, not strings"),
+    "latin-1 txt": (lambda src: (src / "b.txt").write_bytes("one\n\ntwo\n\ncaf\u00e9\n".encode("latin-1")),
+                    r"{src}/b\.txt:5: not UTF-8 text \(byte 0xe9\): convert the file to UTF-8"),
+    "latin-1 jsonl": (lambda src: (src / "b.jsonl").write_bytes('{"text": "ok"}\n{"text": "na\u00efve"}\n'.encode("latin-1")),
+                      r"{src}/b\.jsonl:2: not UTF-8 text \(byte 0xef\): convert the file to UTF-8"),
+    "broken link": (lambda src: os.symlink(src / "gone.txt", src / "b.txt"),
+                    r"{src}/b\.txt: cannot read it \(No such file or directory\)"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_source_file_is_one_line_naming_it(tmp_path, monkeypatch, case):
+    setup, pattern = UNREADABLE[case]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a-good.txt")  # read first, in sorted order: the bad file is not the only one
+    setup(src)
+    use_cache(monkeypatch, tmp_path / "cache")
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.build_from_source(str(src))
+    message = str(info.value)
+    assert re.fullmatch("error: " + pattern.format(src=re.escape(str(src))), message), message
+
+
+def test_unreadable_source_through_the_cli_has_no_traceback(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "b.parquet").write_text("just text")
+    result = run_prepare("--source", str(src), env={**UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {src}/b.parquet: not a readable parquet file (")
+
+
+def test_unreadable_permissions_are_one_line(tmp_path, monkeypatch):
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    if os.access(probe, os.R_OK):
+        pytest.skip("this user reads files whatever their permissions (root with CAP_DAC_OVERRIDE)")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "secret").mkdir()
+    write_text_docs(src / "secret" / "b.txt")
+    use_cache(monkeypatch, tmp_path / "cache")
+    (src / "a.txt").chmod(0)
+    with pytest.raises(prepare.PrepareError, match=rf"^error: {re.escape(str(src))}/a.txt: cannot read it \(Permission denied\)$"):
+        prepare.build_from_source(str(src))
+    (src / "a.txt").chmod(0o644)
+    (src / "secret").chmod(0)
+    with pytest.raises(prepare.PrepareError, match=rf"^error: {re.escape(str(src))}/secret: cannot list it \(Permission denied\)$"):
+        prepare.build_from_source(str(src))
+
+
+def test_single_file_of_another_type_names_the_accepted_ones(tmp_path, monkeypatch):
+    use_cache(monkeypatch, tmp_path / "cache")
+    (tmp_path / "notes.md").write_text("one\n\ntwo\n")
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.build_from_source(str(tmp_path / "notes.md"))
+    assert str(info.value) == (f"error: --source {tmp_path}/notes.md: not a .parquet, .jsonl or .txt file "
+                               f"(a plain-text corpus must end in .txt)")
+
+
+def test_source_skips_other_files_and_says_which(tmp_path, monkeypatch, capsys):
+    """A folder named like a file is searched like any folder; files of other types are left out, by name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "part.parquet").mkdir()  # e.g. a dataset written as a folder of parts
+    write_text_docs(src / "part.parquet" / "b.txt")
+    (src / "empty.txt").write_text("")
+    for name in ("README.md", "notes.md", "data.csv", "z.jsonl.gz"):
+        (src / name).write_text("x")
+    use_cache(monkeypatch, tmp_path / "cache")
+    prepare.build_from_source(str(src))
+    out = capsys.readouterr().out
+    assert (f"Source: reading 3 files from {src} (skipped 4 of other types: README.md, data.csv, notes.md and 1 more)"
+            in out.splitlines())
+    docs = shard_texts(tmp_path / "cache" / "data" / "shard_00000.parquet") + \
+        shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
+    assert docs == [f"document {i}" for i in range(3)] * 2
 
 
 def test_source_refuses_to_overwrite_downloaded_shards(cache_copy, tmp_path):
