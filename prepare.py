@@ -18,6 +18,7 @@ import json
 import math
 import time
 import queue
+import shlex
 import pickle
 import hashlib
 import argparse
@@ -199,11 +200,16 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
     for t in threads:
         t.join()
     failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
-    ready = len(names) - len(failed)
     if failed:
-        raise PrepareError(f"Data: {ready}/{len(names)} shards ready; failed: {', '.join(failed)} "
-                           f"(rerun to retry)")
-    print(f"Data: {ready}/{len(names)} shards ready at {DATA_DIR}")
+        raise PrepareError(f"error: {len(failed)} of {len(names)} shards could not be downloaded from {base_url} "
+                           f"({first_names(failed)}): rerun to retry; offline, set HF_ENDPOINT to a Hugging Face "
+                           f"mirror or AUTORESEARCH_DATA_URL to a folder of shards, or build the data from local files "
+                           f"with `uv run prepare.py --source PATH`")
+    print(f"Data: {len(names)}/{len(names)} shards ready at {DATA_DIR}")
+
+
+def first_names(names, n=3):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 # ---------------------------------------------------------------------------
 # Local data (--source): any corpus as climbmix-format shards
@@ -332,9 +338,12 @@ def build_from_source(source):
         raise PrepareError(f"error: --source {source}: only validation files, nothing to train on")
     os.makedirs(DATA_DIR, exist_ok=True)
     existing = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")]
-    if existing and not os.path.exists(os.path.join(DATA_DIR, SOURCE_MARKER)):
+    marker_path, previous = os.path.join(DATA_DIR, SOURCE_MARKER), read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
+    if existing and previous is None:
         raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
                            f"to another folder to use --source")
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run
 
     def train_docs():
         for f in train_files:
@@ -350,9 +359,14 @@ def build_from_source(source):
             held_out += lengths[n_train]
         if n_train < 1:
             raise PrepareError(f"error: --source {source}: need at least 2 documents (training + validation)")
+    if existing and previous["source"] != os.path.abspath(source):
+        print(f"Source: this cache holds the corpus built from --source {previous['source']}: replacing it (its shards "
+              f"are deleted, and the tokenizer and token ids follow the new text)")
+    # written first and marked complete last: a plain rerun must neither download nor train on half-built data
+    write_json(marker_path, {"source": os.path.abspath(source), "complete": False})
     if skipped:
-        names = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        print(f"Source: reading {len(files)} files from {source} (skipped {len(skipped)} of other types: {names})")
+        print(f"Source: reading {len(files)} files from {source} "
+              f"(skipped {len(skipped)} of other types: {first_names(skipped)})")
     else:
         print(f"Source: reading {len(files)} files from {source}")
 
@@ -378,8 +392,7 @@ def build_from_source(source):
     written.append(VAL_FILENAME)
     for stale in set(existing) - set(written):
         os.remove(os.path.join(DATA_DIR, stale))
-    with open(os.path.join(DATA_DIR, SOURCE_MARKER), "w") as f:
-        json.dump({"source": os.path.abspath(source)}, f)
+    write_json(marker_path, {"source": os.path.abspath(source), "complete": True})
     print(f"Source: {len(written) - 1} training shards + validation shard ({len(val_docs):,} documents) "
           f"ready at {DATA_DIR} ({changed} written, {len(written) - changed} unchanged)")
 
@@ -850,6 +863,9 @@ def main():
     marker = read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
     if args.source:
         build_from_source(args.source)
+    elif marker is not None and not marker.get("complete", True):  # a marker without the key predates it: complete
+        raise PrepareError(f"error: building the data from --source {marker['source']} did not finish: rerun "
+                           f"`uv run prepare.py --source {shlex.quote(marker['source'])}`")
     elif marker is not None:
         print(f"Data: using the shards built from --source {marker['source']} (delete {DATA_DIR} to download instead)")
     else:
@@ -867,5 +883,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun `uv run prepare.py` to resume", file=sys.stderr)
+        # the same command resumes: what is on disk is complete (written atomically) and kept, the rest is redone
+        print(f"\ninterrupted: rerun `{shlex.join(['uv', 'run', 'prepare.py', *sys.argv[1:]])}` to resume",
+              file=sys.stderr)
         sys.exit(130)

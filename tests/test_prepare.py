@@ -9,7 +9,12 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +23,8 @@ import pytest
 import tiktoken
 
 import prepare
-from corpus import (CAPPED_WORD, COMMON_WORD, VAL_ONLY_WORD, make_docs, make_multilingual_docs, reference_dataloader,
-                    run_prepare, run_python, use_cache, write_shard)
+from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, make_docs, make_multilingual_docs,
+                    reference_dataloader, run_prepare, run_python, use_cache, write_shard)
 
 UNREACHABLE = {"AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # any download attempt would fail
 
@@ -541,6 +546,18 @@ def test_source_skips_other_files_and_says_which(tmp_path, monkeypatch, capsys):
     assert docs == [f"document {i}" for i in range(3)] * 2
 
 
+def test_second_source_into_the_same_cache_says_it_replaces_the_first(tmp_path, monkeypatch, capsys):
+    use_cache(monkeypatch, tmp_path / "cache")
+    write_source(tmp_path / "first")
+    for _ in range(2):  # a rerun on the same corpus replaces nothing
+        prepare.build_from_source(str(tmp_path / "first"))
+        assert "replacing" not in capsys.readouterr().out
+    write_source(tmp_path / "second", val_file=False)
+    prepare.build_from_source(str(tmp_path / "second"))
+    assert (f"Source: this cache holds the corpus built from --source {tmp_path}/first: replacing it (its shards are "
+            f"deleted, and the tokenizer and token ids follow the new text)") in capsys.readouterr().out.splitlines()
+
+
 def test_source_refuses_to_overwrite_downloaded_shards(cache_copy, tmp_path):
     write_source(tmp_path / "src")
     with pytest.raises(prepare.PrepareError, match="holds downloaded shards"):
@@ -573,6 +590,45 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Data: using the shards built from --source {src}" in result.stdout
     assert "Tokenizer: up to date" in result.stdout
+
+
+def test_interrupted_source_names_the_command_that_resumes_it(synthetic_corpus, tmp_path):
+    """Ctrl-C while --source reads the validation file, after the training shard is written: the message names the
+    --source command (a plain `uv run prepare.py` would download from the hub), and that command finishes the job."""
+    src = tmp_path / "my corpus"  # a space: the command must come quoted
+    src.mkdir()
+    for i in range(3):
+        shutil.copy(os.path.join(synthetic_corpus, f"shard_{i:05d}.parquet"), src / f"part-{i}.parquet")
+    os.mkfifo(src / "val.txt")  # reading it blocks until the test lets go
+    cache = tmp_path / "cache"
+    env = {**os.environ, **UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--source", str(src)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while True:  # opening the writing end succeeds once prepare waits on the reading end
+        assert proc.poll() is None and time.time() < deadline, "prepare never reached the validation file"
+        try:
+            writer = os.open(src / "val.txt", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            time.sleep(0.05)
+    assert (cache / "data" / "shard_00000.parquet").exists()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    os.close(writer)
+    assert proc.returncode == 130
+    command = f"uv run prepare.py --source {shlex.quote(str(src))}"
+    assert err.strip() == f"interrupted: rerun `{command}` to resume"
+
+    result = run_prepare(env=env)  # the plain command: not on half-built data, and no download
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: building the data from --source {src} did not finish: "
+                                          f"rerun `{command}`"]
+    (src / "val.txt").unlink()
+    write_text_docs(src / "val.txt", 5)
+    result = run_prepare(*shlex.split(command)[3:], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Done! Ready to train." in result.stdout
 
 
 def test_help_documents_the_options():
