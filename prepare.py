@@ -844,7 +844,12 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch")
+    parser = argparse.ArgumentParser(
+        description="Prepare data and tokenizer for autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""environment variables:
+  AUTORESEARCH_CACHE_DIR  where data, tokenizer and token ids go (default ~/.cache/autoresearch; now {CACHE_DIR})
+  HF_ENDPOINT             a Hugging Face mirror to download from (now {HF_ENDPOINT})
+  AUTORESEARCH_DATA_URL   a folder of shards to download from instead of the hub (now {BASE_URL})""")
     parser.add_argument("--num-shards", type=int, default=10, help="Number of training shards to download (default 10, -1 = all). Val shard is always pinned.")
     parser.add_argument("--download-workers", type=int, default=8, help="Number of parallel download workers")
     parser.add_argument("--source", metavar="PATH", help="Build the data from local files instead of downloading: "

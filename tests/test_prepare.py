@@ -636,6 +636,12 @@ def test_help_documents_the_options():
     assert result.returncode == 0
     for option in ("--num-shards", "--download-workers", "--source", "<|endoftext|>", "blank lines", "shard_06542"):
         assert option in result.stdout
+    # the environment variables that move the cache and the download, with what each one does
+    lines = result.stdout.splitlines()
+    for name, what in (("AUTORESEARCH_CACHE_DIR", prepare.CACHE_DIR), ("HF_ENDPOINT", "mirror"),
+                       ("AUTORESEARCH_DATA_URL", "folder of shards")):
+        (line,) = [line for line in lines if line.strip().startswith(name)]
+        assert what in line, line
 
 # ---------------------------------------------------------------------------
 # evaluate_bpb: one metric for PyTorch and MLX
