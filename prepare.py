@@ -88,7 +88,8 @@ BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
 DOWNLOAD_ATTEMPTS = 5
 RETRY_BACKOFF = 2.0            # seconds before the first retry, doubling after each failure
 SOURCE_SHARD_CHARS = 100_000_000  # --source: characters per training shard written
-SOURCE_VAL_CHARS = 20_000_000     # --source: at most this much text held out when no validation file is given
+SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TOKENS at this many characters a token
+                                  # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
 RUN_PREPARE = "run `uv run prepare.py`"
 
@@ -219,8 +220,8 @@ SOURCE_HELP = """a folder (or one file) of .parquet files with a `text` column, 
 per line, field `text`) or .txt files (documents separated by blank lines or by a line <|endoftext|>),
 read in sorted path order. Files named shard_06542.parquet or with val/valid/validation as a word in
 their path (e.g. valid.txt, val/part-0.jsonl) become the validation shard; without any, the last
-documents (10%% of the text, at most 20M characters) are held out. Written to the cache as
-shard_00000.parquet... + shard_06542.parquet."""
+documents are held out: enough text for the evaluation's EVAL_TOKENS tokens, at most a fifth of the
+corpus. Other files are skipped. Written to the cache as shard_00000.parquet... + shard_06542.parquet."""
 SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so a plain run downloads nothing
 VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
 
@@ -352,7 +353,7 @@ def build_from_source(source):
     n_train = None  # every training-file document is for training...
     if not val_files:  # ...unless validation must come from their tail: count it out first
         lengths = [len(d) for d in train_docs()]
-        budget = min(sum(lengths) // 10, SOURCE_VAL_CHARS)
+        budget = min(EVAL_TOKENS * SOURCE_CHARS_PER_TOKEN, sum(lengths) // 5)
         n_train, held_out = len(lengths) - 1, lengths[-1] if lengths else 0
         while held_out < budget and n_train > 1:
             n_train -= 1
@@ -612,6 +613,7 @@ def tokenize_data():
     todo = [p for p in paths if not is_tokenized(manifest, cache_dir, p)]
     if not todo:
         print(f"Tokens: all {len(paths)} shards already tokenized at {cache_dir}")
+        report_validation_size(manifest)
         return
     print(f"Tokens: tokenizing {len(todo)} shards ({len(paths) - len(todo)} already done)...")
     total, t0 = 0, time.time()
@@ -628,6 +630,16 @@ def tokenize_data():
         print(f"  [{k}/{len(todo)}] {name}: {len(tokens) / 1e6:.2f}M tokens "
               f"({total / 1e6 / max(time.time() - t0, 1e-9):.1f}M tokens/s)", flush=True)
     print(f"Tokens: {len(paths)} shards tokenized at {cache_dir}")
+    report_validation_size(manifest)
+
+
+def report_validation_size(manifest):
+    """Say how many tokens the validation shard holds, and warn when the evaluation must go through it more than once."""
+    n = manifest["shards"][VAL_FILENAME]["num_tokens"]
+    print(f"Tokens: validation shard {VAL_FILENAME}: {n:,} tokens (the evaluation reads {EVAL_TOKENS:,})")
+    if n < EVAL_TOKENS:
+        print(f"warning: the validation shard has fewer tokens than the evaluation reads (EVAL_TOKENS): it will repeat "
+              f"rows, going through the shard about {EVAL_TOKENS / n:.1f} times; more validation text avoids it")
 
 
 # ---------------------------------------------------------------------------

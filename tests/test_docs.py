@@ -239,7 +239,7 @@ def test_prepare_help_lists_every_option_the_readme_names():
     for option in options:
         assert option in result.stdout, option
     for fact in (".parquet", "`text`", ".jsonl", ".txt", "blank lines", "<|endoftext|>", "shard_06542.parquet",
-                 "val/valid/validation", "10%", "-1 = all"):
+                 "val/valid/validation", "EVAL_TOKENS", "a fifth", "-1 = all"):
         assert fact in result.stdout, fact  # the README describes --source's formats as --help does
 
 

@@ -299,6 +299,18 @@ def snapshot(folder, pattern="*"):
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob(pattern) if p.is_file()}
 
 
+def validation_report(cache, eval_tokens=prepare.EVAL_TOKENS):
+    """The lines prepare prints about the validation shard's size, from the token cache's manifest."""
+    manifest = json.loads(next((cache / "tokens").glob("*/manifest.json")).read_text())
+    n = manifest["shards"][prepare.VAL_FILENAME]["num_tokens"]
+    lines = [f"Tokens: validation shard {prepare.VAL_FILENAME}: {n:,} tokens (the evaluation reads {eval_tokens:,})"]
+    if n < eval_tokens:
+        lines.append(f"warning: the validation shard has fewer tokens than the evaluation reads (EVAL_TOKENS): it will "
+                     f"repeat rows, going through the shard about {eval_tokens / n:.1f} times; more validation text "
+                     f"avoids it")
+    return lines
+
+
 def test_rerun_skips_everything_up_to_date(cache_copy):
     before = snapshot(cache_copy)
     result = run_prepare("--num-shards", "3", env=UNREACHABLE)
@@ -306,7 +318,18 @@ def test_rerun_skips_everything_up_to_date(cache_copy):
     assert "Data: all 4 shards ready" in result.stdout
     assert "Tokenizer: up to date" in result.stdout
     assert "Tokens: all 4 shards already tokenized" in result.stdout
+    report = validation_report(cache_copy)
+    assert len(report) == 2  # the synthetic validation shard is small: the warning too
+    assert "\n".join(report) in result.stdout
     assert snapshot(cache_copy) == before
+
+
+def test_no_warning_when_the_validation_shard_is_large_enough(cache_copy):
+    result = run_prepare("--num-shards", "3", env={**UNREACHABLE, "AUTORESEARCH_EVAL_TOKENS": "4096"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (report,) = validation_report(cache_copy, 4096)
+    lines = result.stdout.splitlines()
+    assert report in lines and not [line for line in lines if line.startswith("warning")]
 
 
 def test_changed_training_shard_retrains_tokenizer_and_tokens(cache_copy):
@@ -417,18 +440,24 @@ def test_source_rerun_is_idempotent_and_drops_stale_shards(tmp_path, monkeypatch
     assert sorted(p.name for p in data.glob("*.parquet")) == names[:2] + names[-1:]
 
 
-def test_source_without_validation_file_holds_out_the_tail(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_tokens", [2048, 10 * 524288])
+def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, monkeypatch, eval_tokens):
+    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at SOURCE_CHARS_PER_TOKEN
+    characters a token), but never more than a fifth of the corpus."""
     use_cache(monkeypatch, tmp_path / "cache")
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
     src = tmp_path / "src"
     src.mkdir()
-    docs = [f"document number {i} " * (i % 7 + 1) for i in range(200)]
+    docs = [f"document number {i} " * (i % 7 + 1) for i in range(1000)]
     (src / "all.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     prepare.build_from_source(str(src))
     train = shard_texts(tmp_path / "cache" / "data" / "shard_00000.parquet")
     val = shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
     assert train + val == docs
-    val_share = sum(map(len, val)) / sum(map(len, docs))
-    assert 0.1 <= val_share < 0.12  # the last ~10% of the text
+    total = sum(map(len, docs))
+    budget = min(eval_tokens * prepare.SOURCE_CHARS_PER_TOKEN, total // 5)
+    assert sum(map(len, val)) >= budget > sum(map(len, val[1:]))
+    assert budget == (10240 if eval_tokens == 2048 else total // 5)  # enough for 2048 tokens; a fifth of this corpus
 
 
 @pytest.mark.parametrize("setup,message", [
@@ -579,7 +608,7 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     result = run_prepare("--source", str(src), env=UNREACHABLE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Tokenizer: no tokenizer yet; training BPE tokenizer on 1 training shards" in result.stdout
-    assert result.stdout.strip().endswith("Done! Ready to train.")
+    assert result.stdout.strip().endswith("\n".join(validation_report(tmp_path / "cache")) + "\n\nDone! Ready to train.")
     tokenizer = load_tokenizer(tmp_path / "cache")
     for split in ("train", "val"):
         fast, ref = prepare.make_dataloader(tokenizer, 2, 512, split), reference_dataloader(tokenizer, 2, 512, split)
