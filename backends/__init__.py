@@ -5,6 +5,8 @@ Nothing here imports torch or mlx at module level: a Mac may have only one of th
 Usage: python -m backends   (prints what was detected and what would be used)
 """
 
+import atexit
+import gc
 import importlib
 import math
 import os
@@ -20,6 +22,13 @@ DEFAULT_MEMORY_GB = 8.0  # assumed when memory cannot be read: the smallest Mac,
 
 class BackendError(SystemExit):
     """A one-line configuration error: a script exits non-zero with this line and no traceback."""
+
+
+# The trainers freeze the garbage collector after their first step, as the original does (no ~500 ms pauses). The
+# collection at interpreter exit skips frozen objects, so the reference cycles that keep triton's objects alive
+# (Linux torch imports triton with torch._dynamo, which even the meta-device init loads) outlive it, and nanobind then
+# prints ~30 lines of "leaked ..." after the summary, or after a crash's traceback. Unfrozen, they are freed.
+atexit.register(gc.unfreeze)
 
 # ---------------------------------------------------------------------------
 # Probes (module-level so tests can replace them with fakes)

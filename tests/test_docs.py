@@ -346,6 +346,14 @@ def test_tail_shows_the_end_of_the_log(torch_run):
     assert result.stdout == b"\n".join(lines[-50:]) + (b"\n" if data.endswith(b"\n") else b"")
 
 
+def test_run_log_ends_with_the_summary(torch_run):
+    """Nothing after the summary (no library's exit-time messages): a crash's traceback is what `tail` shows."""
+    returncode, _, log = torch_run
+    assert returncode == 0, log[-3000:]
+    last_key, _ = printed_summary(log)[-1]
+    assert log.rstrip("\n").split("\n")[-1].startswith(f"{last_key}:"), log[-3000:]
+
+
 def test_git_workflow_keeps_and_discards_commits(tmp_path):
     """The setup and loop commands of program.md, in a scratch repository with this project's .gitignore."""
     names = {"tag": "docs-test", "description": "try a smaller batch"}
