@@ -222,11 +222,9 @@ read in sorted path order. Files named shard_06542.parquet or with val/valid/val
 their path (e.g. valid.txt, val/part-0.jsonl) become the validation shard; without any, the last
 documents are held out: enough text for the evaluation's EVAL_TOKENS tokens, at most a fifth of the
 corpus. Other files are skipped. Written to the cache as shard_00000.parquet... + shard_06542.parquet."""
+SOURCE_TYPES = (".parquet", ".jsonl", ".txt")
 SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so a plain run downloads nothing
 VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
-
-
-SOURCE_TYPES = (".parquet", ".jsonl", ".txt")
 
 
 def source_files(source):
@@ -260,10 +258,10 @@ def source_documents(path):
             yield from parquet_documents(path)
         else:
             with open(path, encoding="utf-8") as f:
-                yield from (jsonl_documents if path.endswith(".jsonl") else txt_documents)(f, path)
+                yield from jsonl_documents(f, path) if path.endswith(".jsonl") else txt_documents(f)
     except UnicodeDecodeError as e:
-        raise PrepareError(f"error: {path}:{first_non_utf8_line(path)}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): "
-                           f"convert the file to UTF-8")
+        raise PrepareError(f"error: {path}:{first_non_utf8_line(path)}: not UTF-8 text "
+                           f"(byte 0x{e.object[e.start]:02x}): convert the file to UTF-8")
     except pa.ArrowException as e:
         raise PrepareError(f"error: {path}: not a readable parquet file ({' '.join(str(e).split())})")
     except OSError as e:
@@ -295,7 +293,7 @@ def jsonl_documents(f, path):
             yield text
 
 
-def txt_documents(f, path):
+def txt_documents(f):
     block = []
     for line in f:
         if line.strip() and line.strip() != "<|endoftext|>":
@@ -634,7 +632,7 @@ def tokenize_data():
 
 
 def report_validation_size(manifest):
-    """Say how many tokens the validation shard holds, and warn when the evaluation must go through it more than once."""
+    """Say how many tokens the validation shard holds; warn when the evaluation must go through it more than once."""
     n = manifest["shards"][VAL_FILENAME]["num_tokens"]
     print(f"Tokens: validation shard {VAL_FILENAME}: {n:,} tokens (the evaluation reads {EVAL_TOKENS:,})")
     if n < EVAL_TOKENS:

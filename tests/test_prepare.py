@@ -127,7 +127,7 @@ def test_token_bytes_are_the_raw_bytes_of_each_token(tokenizer):
     assert token_bytes[:8188].tolist() == [len(tokenizer.enc.decode_single_token_bytes(i)) for i in range(8188)]
     assert token_bytes[8188:].tolist() == [0, 0, 0, 0] and token_bytes[:8188].min() >= 1
     # a lone high byte (here 0xC3, the first byte of é) is one byte of text, not the three of U+FFFD
-    (high,) = tokenizer.enc.encode_single_token(bytes([0xC3])),
+    high = tokenizer.enc.encode_single_token(bytes([0xC3]))
     assert token_bytes[high] == 1 and decode_rule(tokenizer.enc)[high] == 3
     text = "café naïve Zürich 東京 данные 😀 — 漢字とかな交じり文 Ελληνικά"  # rare characters: split into their bytes
     assert token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
