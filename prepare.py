@@ -18,6 +18,7 @@ import json
 import math
 import time
 import queue
+import shlex
 import pickle
 import hashlib
 import argparse
@@ -87,7 +88,8 @@ BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
 DOWNLOAD_ATTEMPTS = 5
 RETRY_BACKOFF = 2.0            # seconds before the first retry, doubling after each failure
 SOURCE_SHARD_CHARS = 100_000_000  # --source: characters per training shard written
-SOURCE_VAL_CHARS = 20_000_000     # --source: at most this much text held out when no validation file is given
+SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TOKENS at this many characters a token
+                                  # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
 RUN_PREPARE = "run `uv run prepare.py`"
 
@@ -199,11 +201,16 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
     for t in threads:
         t.join()
     failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
-    ready = len(names) - len(failed)
     if failed:
-        raise PrepareError(f"Data: {ready}/{len(names)} shards ready; failed: {', '.join(failed)} "
-                           f"(rerun to retry)")
-    print(f"Data: {ready}/{len(names)} shards ready at {DATA_DIR}")
+        raise PrepareError(f"error: {len(failed)} of {len(names)} shards could not be downloaded from {base_url} "
+                           f"({first_names(failed)}): rerun to retry; offline, set HF_ENDPOINT to a Hugging Face "
+                           f"mirror or AUTORESEARCH_DATA_URL to a folder of shards, or build the data from local files "
+                           f"with `uv run prepare.py --source PATH`")
+    print(f"Data: {len(names)}/{len(names)} shards ready at {DATA_DIR}")
+
+
+def first_names(names, n=3):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 # ---------------------------------------------------------------------------
 # Local data (--source): any corpus as climbmix-format shards
@@ -213,58 +220,96 @@ SOURCE_HELP = """a folder (or one file) of .parquet files with a `text` column, 
 per line, field `text`) or .txt files (documents separated by blank lines or by a line <|endoftext|>),
 read in sorted path order. Files named shard_06542.parquet or with val/valid/validation as a word in
 their path (e.g. valid.txt, val/part-0.jsonl) become the validation shard; without any, the last
-documents (10%% of the text, at most 20M characters) are held out. Written to the cache as
-shard_00000.parquet... + shard_06542.parquet."""
+documents are held out: enough text for the evaluation's EVAL_TOKENS tokens, at most a fifth of the
+corpus. Other files are skipped. Written to the cache as shard_00000.parquet... + shard_06542.parquet."""
+SOURCE_TYPES = (".parquet", ".jsonl", ".txt")
 SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so a plain run downloads nothing
 VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
 
 
 def source_files(source):
+    """(the corpus files of source in sorted order, the names of the other files found beside them)."""
     if os.path.isfile(source):
-        return [source]
+        if not source.endswith(SOURCE_TYPES):
+            raise PrepareError(f"error: --source {source}: not a .parquet, .jsonl or .txt file "
+                               f"(a plain-text corpus must end in .txt)")
+        return [source], []
     if not os.path.isdir(source):
         raise PrepareError(f"error: --source {source}: no such file or folder")
-    found = []
-    for root, dirs, files in os.walk(source):
+
+    def unlistable(e):
+        raise PrepareError(f"error: {e.filename}: cannot list it ({e.strerror})")
+
+    found, skipped = [], []
+    for root, dirs, files in os.walk(source, onerror=unlistable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, f) for f in files if f.endswith((".parquet", ".jsonl", ".txt"))]
+        found += [os.path.join(root, f) for f in files if f.endswith(SOURCE_TYPES)]
+        skipped += [os.path.relpath(os.path.join(root, f), source) for f in files
+                    if not f.endswith(SOURCE_TYPES) and not f.startswith(".")]
     if not found:
         raise PrepareError(f"error: --source {source}: no .parquet, .jsonl or .txt files")
-    return sorted(found)
+    return sorted(found), sorted(skipped)
 
 
 def source_documents(path):
-    """Yield the non-empty documents of one source file."""
-    if path.endswith(".parquet"):
-        pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise PrepareError(f"error: {path}: no `text` column")
-        for rg in range(pf.num_row_groups):
-            yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
-    elif path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line).get("text")
-                except (ValueError, AttributeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise PrepareError(f"error: {path}:{lineno}: not a JSON object with a string field `text`")
-                if text:
-                    yield text
-    else:
-        with open(path, encoding="utf-8") as f:
+    """Yield the non-empty documents of one source file; a file that cannot be read is a one-line error."""
+    try:
+        if path.endswith(".parquet"):
+            yield from parquet_documents(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield from jsonl_documents(f, path) if path.endswith(".jsonl") else txt_documents(f)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"error: {path}:{first_non_utf8_line(path)}: not UTF-8 text "
+                           f"(byte 0x{e.object[e.start]:02x}): convert the file to UTF-8")
+    except pa.ArrowException as e:
+        raise PrepareError(f"error: {path}: not a readable parquet file ({' '.join(str(e).split())})")
+    except OSError as e:
+        raise PrepareError(f"error: {path}: cannot read it ({e.strerror or ' '.join(str(e).split())})")
+
+
+def parquet_documents(path):
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise PrepareError(f"error: {path}: no `text` column")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PrepareError(f"error: {path}: column `text` holds {kind}, not strings")
+    for rg in range(pf.num_row_groups):
+        yield from (t for t in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist() if t)
+
+
+def jsonl_documents(f, path):
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line).get("text")
+        except (ValueError, AttributeError):
+            text = None
+        if not isinstance(text, str):
+            raise PrepareError(f"error: {path}:{lineno}: not a JSON object with a string field `text`")
+        if text:
+            yield text
+
+
+def txt_documents(f):
+    block = []
+    for line in f:
+        if line.strip() and line.strip() != "<|endoftext|>":
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\n")
             block = []
-            for line in f:
-                if line.strip() and line.strip() != "<|endoftext|>":
-                    block.append(line)
-                elif block:
-                    yield "".join(block).rstrip("\n")
-                    block = []
-            if block:
-                yield "".join(block).rstrip("\n")
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def first_non_utf8_line(path):
+    """The number of the first line of path that is not UTF-8 (the byte \\n never occurs inside a multi-byte
+    character, so the raw lines are the text's lines)."""
+    with open(path, "rb") as f:
+        return next(n for n, line in enumerate(f, 1) if line.decode("utf-8", "ignore").encode("utf-8") != line)
 
 
 def write_shard(name, docs):
@@ -284,7 +329,7 @@ def write_shard(name, docs):
 
 def build_from_source(source):
     """Write the documents of a local corpus into DATA_DIR as training shards + the validation shard."""
-    files = source_files(source)
+    files, skipped = source_files(source)
     relative = {f: os.path.relpath(f, source) if os.path.isdir(source) else os.path.basename(f) for f in files}
     val_files = [f for f in files if os.path.basename(f) == VAL_FILENAME or VAL_NAME.search(relative[f])]
     train_files = [f for f in files if f not in val_files]
@@ -292,9 +337,12 @@ def build_from_source(source):
         raise PrepareError(f"error: --source {source}: only validation files, nothing to train on")
     os.makedirs(DATA_DIR, exist_ok=True)
     existing = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")]
-    if existing and not os.path.exists(os.path.join(DATA_DIR, SOURCE_MARKER)):
+    marker_path, previous = os.path.join(DATA_DIR, SOURCE_MARKER), read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
+    if existing and previous is None:
         raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
                            f"to another folder to use --source")
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run
 
     def train_docs():
         for f in train_files:
@@ -303,14 +351,23 @@ def build_from_source(source):
     n_train = None  # every training-file document is for training...
     if not val_files:  # ...unless validation must come from their tail: count it out first
         lengths = [len(d) for d in train_docs()]
-        budget = min(sum(lengths) // 10, SOURCE_VAL_CHARS)
+        budget = min(EVAL_TOKENS * SOURCE_CHARS_PER_TOKEN, sum(lengths) // 5)
         n_train, held_out = len(lengths) - 1, lengths[-1] if lengths else 0
         while held_out < budget and n_train > 1:
             n_train -= 1
             held_out += lengths[n_train]
         if n_train < 1:
             raise PrepareError(f"error: --source {source}: need at least 2 documents (training + validation)")
-    print(f"Source: reading {len(files)} files from {source}")
+    if existing and previous["source"] != os.path.abspath(source):
+        print(f"Source: this cache holds the corpus built from --source {previous['source']}: replacing it (its shards "
+              f"are deleted, and the tokenizer and token ids follow the new text)")
+    # written first and marked complete last: a plain rerun must neither download nor train on half-built data
+    write_json(marker_path, {"source": os.path.abspath(source), "complete": False})
+    if skipped:
+        print(f"Source: reading {len(files)} files from {source} "
+              f"(skipped {len(skipped)} of other types: {first_names(skipped)})")
+    else:
+        print(f"Source: reading {len(files)} files from {source}")
 
     written, changed, shard, chars, val_docs = [], 0, [], 0, []
     for i, doc in enumerate(train_docs()):
@@ -334,8 +391,7 @@ def build_from_source(source):
     written.append(VAL_FILENAME)
     for stale in set(existing) - set(written):
         os.remove(os.path.join(DATA_DIR, stale))
-    with open(os.path.join(DATA_DIR, SOURCE_MARKER), "w") as f:
-        json.dump({"source": os.path.abspath(source)}, f)
+    write_json(marker_path, {"source": os.path.abspath(source), "complete": True})
     print(f"Source: {len(written) - 1} training shards + validation shard ({len(val_docs):,} documents) "
           f"ready at {DATA_DIR} ({changed} written, {len(written) - changed} unchanged)")
 
@@ -429,7 +485,13 @@ def train_tokenizer():
     train_paths, _ = data_shards()
     reason = tokenizer_staleness(train_paths)
     if reason is None:
-        print(f"Tokenizer: up to date at {TOKENIZER_DIR}")
+        enc = load_encoding(TOKENIZER_DIR)
+        problem = token_bytes_problem(enc, TOKENIZER_DIR)
+        if problem is None:
+            print(f"Tokenizer: up to date at {TOKENIZER_DIR}")
+            return
+        np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), token_byte_lengths(enc))
+        print(f"Tokenizer: up to date at {TOKENIZER_DIR}; rewrote token_bytes.npy, which {problem}")
         return
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
     record_path = os.path.join(TOKENIZER_DIR, TOKENIZER_RECORD)
@@ -458,12 +520,34 @@ def train_tokenizer():
     with open(os.path.join(TOKENIZER_DIR, "tokenizer.pkl"), "wb") as f:
         pickle.dump(enc, f)
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s, sanity check passed (vocab_size={enc.n_vocab})")
-
-    # token_bytes for BPB: 0 for specials, else the UTF-8 length of the token's decoded text
-    special_set = set(SPECIAL_TOKENS)
-    token_bytes = [0 if (s := enc.decode([i])) in special_set else len(s.encode("utf-8")) for i in range(enc.n_vocab)]
-    np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), np.array(token_bytes, dtype=np.int32))
+    np.save(os.path.join(TOKENIZER_DIR, "token_bytes.npy"), token_byte_lengths(enc))
     write_json(record_path, record)
+
+
+def token_byte_lengths(enc):
+    """int32 array for BPB: how many bytes of text each token id stands for, 0 for the special tokens. The token's
+    own bytes, not the UTF-8 of its decoded text (the original's rule): a token that is not valid UTF-8 on its own,
+    such as a lone high byte or a merge that ends inside a character, decodes to U+FFFD, which is 3 bytes."""
+    special = {enc.encode_single_token(name) for name in SPECIAL_TOKENS}
+    return np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                    dtype=np.int32)
+
+
+def token_bytes_problem(enc, tokenizer_dir):
+    """What is wrong with token_bytes.npy in tokenizer_dir for this tokenizer (a string), or None."""
+    try:
+        table = np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError) as e:
+        return f"is unreadable ({e})"
+    expected = token_byte_lengths(enc)
+    if table.shape != expected.shape:
+        return f"has {table.size} entries for {expected.size} tokens"
+    wrong = int((table != expected).sum())
+    if wrong:
+        return f"counts the bytes of {wrong} of {expected.size} tokens wrongly (made by an older prepare.py)"
+    return None
 
 # ---------------------------------------------------------------------------
 # Token cache: tokenize every shard once, so training reads token ids instead of text
@@ -527,6 +611,7 @@ def tokenize_data():
     todo = [p for p in paths if not is_tokenized(manifest, cache_dir, p)]
     if not todo:
         print(f"Tokens: all {len(paths)} shards already tokenized at {cache_dir}")
+        report_validation_size(manifest)
         return
     print(f"Tokens: tokenizing {len(todo)} shards ({len(paths) - len(todo)} already done)...")
     total, t0 = 0, time.time()
@@ -543,6 +628,16 @@ def tokenize_data():
         print(f"  [{k}/{len(todo)}] {name}: {len(tokens) / 1e6:.2f}M tokens "
               f"({total / 1e6 / max(time.time() - t0, 1e-9):.1f}M tokens/s)", flush=True)
     print(f"Tokens: {len(paths)} shards tokenized at {cache_dir}")
+    report_validation_size(manifest)
+
+
+def report_validation_size(manifest):
+    """Say how many tokens the validation shard holds; warn when the evaluation must go through it more than once."""
+    n = manifest["shards"][VAL_FILENAME]["num_tokens"]
+    print(f"Tokens: validation shard {VAL_FILENAME}: {n:,} tokens (the evaluation reads {EVAL_TOKENS:,})")
+    if n < EVAL_TOKENS:
+        print(f"warning: the validation shard has fewer tokens than the evaluation reads (EVAL_TOKENS): it will repeat "
+              f"rows, going through the shard about {EVAL_TOKENS / n:.1f} times; more validation text avoids it")
 
 
 # ---------------------------------------------------------------------------
@@ -565,15 +660,8 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
-        if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
-            if not list_parquet_files():
-                raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
-            raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
-        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
-            enc = pickle.load(f)
-        if enc.n_vocab != VOCAB_SIZE:
-            raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
-                               f"{RUN_PREPARE}")
+        enc = load_encoding(tokenizer_dir)
+        read_token_bytes(enc, tokenizer_dir)  # a stale table fails now, not at the evaluation after training
         return cls(enc)
 
     def get_vocab_size(self):
@@ -602,12 +690,30 @@ class Tokenizer:
         return self.enc.decode(ids)
 
 
+def load_encoding(tokenizer_dir):
+    """The tiktoken encoding that prepare.py trained, or a one-line error saying what to run."""
+    if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
+        if not list_parquet_files():
+            raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
+        raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
+    with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+        enc = pickle.load(f)
+    if enc.n_vocab != VOCAB_SIZE:
+        raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
+                           f"{RUN_PREPARE}")
+    return enc
+
+
+def read_token_bytes(enc, tokenizer_dir):
+    problem = token_bytes_problem(enc, tokenizer_dir)
+    if problem is not None:
+        raise PrepareError(f"error: {os.path.join(tokenizer_dir, 'token_bytes.npy')} {problem}: {RUN_PREPARE}")
+    return np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
+
+
 def get_token_bytes():
-    """int32 array: the UTF-8 byte length of every token id (0 for special tokens)."""
-    path = os.path.join(TOKENIZER_DIR, "token_bytes.npy")
-    if not os.path.exists(path):
-        raise PrepareError(f"error: no tokenizer in {TOKENIZER_DIR}: {RUN_PREPARE}")
-    return np.load(path)
+    """int32 array: the number of bytes of text each token id stands for (0 for special tokens)."""
+    return read_token_bytes(load_encoding(TOKENIZER_DIR), TOKENIZER_DIR)
 
 
 def _token_shards(tokenizer, split):
@@ -748,7 +854,12 @@ def evaluate_bpb(model, tokenizer, batch_size):
 # ---------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for autoresearch")
+    parser = argparse.ArgumentParser(
+        description="Prepare data and tokenizer for autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"""environment variables:
+  AUTORESEARCH_CACHE_DIR  where data, tokenizer and token ids go (default ~/.cache/autoresearch; now {CACHE_DIR})
+  HF_ENDPOINT             a Hugging Face mirror to download from (now {HF_ENDPOINT})
+  AUTORESEARCH_DATA_URL   a folder of shards to download from instead of the hub (now {BASE_URL})""")
     parser.add_argument("--num-shards", type=int, default=10, help="Number of training shards to download (default 10, -1 = all). Val shard is always pinned.")
     parser.add_argument("--download-workers", type=int, default=8, help="Number of parallel download workers")
     parser.add_argument("--source", metavar="PATH", help="Build the data from local files instead of downloading: "
@@ -767,6 +878,9 @@ def main():
     marker = read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
     if args.source:
         build_from_source(args.source)
+    elif marker is not None and not marker.get("complete", True):  # a marker without the key predates it: complete
+        raise PrepareError(f"error: building the data from --source {marker['source']} did not finish: rerun "
+                           f"`uv run prepare.py --source {shlex.quote(marker['source'])}`")
     elif marker is not None:
         print(f"Data: using the shards built from --source {marker['source']} (delete {DATA_DIR} to download instead)")
     else:
@@ -784,5 +898,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun `uv run prepare.py` to resume", file=sys.stderr)
+        # the same command resumes: what is on disk is complete (written atomically) and kept, the rest is redone
+        print(f"\ninterrupted: rerun `{shlex.join(['uv', 'run', 'prepare.py', *sys.argv[1:]])}` to resume",
+              file=sys.stderr)
         sys.exit(130)

@@ -5,6 +5,8 @@ Nothing here imports torch or mlx at module level: a Mac may have only one of th
 Usage: python -m backends   (prints what was detected and what would be used)
 """
 
+import atexit
+import gc
 import importlib
 import math
 import os
@@ -20,6 +22,13 @@ DEFAULT_MEMORY_GB = 8.0  # assumed when memory cannot be read: the smallest Mac,
 
 class BackendError(SystemExit):
     """A one-line configuration error: a script exits non-zero with this line and no traceback."""
+
+
+# The trainers freeze the garbage collector after their first step, as the original does (no ~500 ms pauses). The
+# collection at interpreter exit skips frozen objects, so the reference cycles that keep triton's objects alive
+# (Linux torch imports triton with torch._dynamo, which even the meta-device init loads) outlive it, and nanobind then
+# prints ~30 lines of "leaked ..." after the summary, or after a crash's traceback. Unfrozen, they are freed.
+atexit.register(gc.unfreeze)
 
 # ---------------------------------------------------------------------------
 # Probes (module-level so tests can replace them with fakes)
@@ -61,9 +70,8 @@ def _read_file(path):
 # ---------------------------------------------------------------------------
 
 def _backend_problem(backend):
-    """None if `backend` can run here, else why not (with the install command where installing fixes it)."""
-    if backend == "cpu":
-        return None
+    """None if `backend` can run here, else why not (with the install command where installing fixes it).
+    cpu is PyTorch's CPU: train.py runs it."""
     if backend == "mlx":
         mx = _import("mlx.core")
         if mx is None:
@@ -82,8 +90,9 @@ def _backend_problem(backend):
 
 
 def detect_backend():
-    """One of mlx, mps, cuda, cpu, from AUTORESEARCH_BACKEND (default auto).
-    auto: on macOS MLX, then MPS, then CPU; elsewhere CUDA if PyTorch sees a GPU, else CPU."""
+    """One of mlx, mps, cuda, cpu, from AUTORESEARCH_BACKEND (default auto), or a one-line BackendError.
+    auto: on macOS MLX, then MPS, then PyTorch's CPU; elsewhere CUDA if PyTorch sees a GPU, else PyTorch's CPU,
+    else MLX (its CPU or CUDA build), for a machine that has only MLX installed."""
     requested = os.environ.get("AUTORESEARCH_BACKEND", "auto").strip().lower() or "auto"
     if requested not in BACKENDS:
         raise BackendError(f"AUTORESEARCH_BACKEND={requested!r} is not valid: choose one of {', '.join(BACKENDS)}")
@@ -92,8 +101,13 @@ def detect_backend():
         if problem:
             raise BackendError(f"{requested} requested (AUTORESEARCH_BACKEND={requested}) but {problem}")
         return requested
-    candidates = ("mlx", "mps") if _platform() == "darwin" else ("cuda",)
-    return next((b for b in candidates if _backend_problem(b) is None), "cpu")
+    problems = []
+    for backend in ("mlx", "mps", "cpu") if _platform() == "darwin" else ("cuda", "cpu", "mlx"):
+        problem = _backend_problem(backend)
+        if problem is None:
+            return backend
+        problems.append(problem)
+    raise BackendError("no backend can run here: " + "; ".join(dict.fromkeys(problems)))
 
 # ---------------------------------------------------------------------------
 # Hardware info

@@ -107,6 +107,19 @@ def make_docs(rng, n_docs, long_every=0, sentinel=None):
     return docs
 
 
+def make_multilingual_docs(rng, n_docs):
+    """Accented Latin and Chinese-with-kana pseudo-words: enough distinct multi-byte characters that the tokenizer
+    learns merges that end inside a character (UTF-8 lead bytes shared by many characters pair up first)."""
+    vowels = "a e i o u é è ê à ç ü ö ä ß ñ ø å œ ł ş ž".split()
+    consonants = "b c d f g h j k l m n p r s t v z".split()
+    hanzi = [chr(c) for c in rng.sample(range(0x4E00, 0x9FA5), 1500)]
+    kana = [chr(c) for c in range(0x3041, 0x3097)]
+    latin = ["".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(1, 4))) for _ in range(6000)]
+    cjk = ["".join(rng.choice(hanzi) for _ in range(rng.randint(1, 3))) + rng.choice(kana) for _ in range(6000)]
+    return [" ".join(rng.choice(latin if rng.random() < 0.5 else cjk) for _ in range(rng.randint(20, 300)))
+            for _ in range(n_docs)]
+
+
 def _capped(i, doc):
     # every 25th training document: 10,000 characters of ordinary text, then the capped word
     if i % 25 != 3:

@@ -88,6 +88,8 @@ def test_invalid_backend_is_one_line_listing_the_valid_ones(machine, monkeypatch
     ("cuda", {}, "linux", "`uv sync --extra mps`"),
     ("cuda", {"torch": fake_torch(cuda=False)}, "linux",
      "cuda requested (AUTORESEARCH_BACKEND=cuda) but torch.cuda.is_available() is False"),
+    ("cpu", {"mlx.core": fake_mlx()}, "linux",  # cpu is PyTorch's CPU
+     "cpu requested (AUTORESEARCH_BACKEND=cpu) but torch is not installed: run `uv sync --extra mps`"),
 ])
 def test_unusable_backend_says_why_and_how_to_install(machine, monkeypatch, requested, modules, platform, expected):
     machine(platform, modules)
@@ -98,7 +100,7 @@ def test_unusable_backend_says_why_and_how_to_install(machine, monkeypatch, requ
 
 
 @pytest.mark.parametrize("requested, modules, platform, expected", [
-    ("cpu", {}, "linux", "cpu"),
+    ("cpu", {"torch": fake_torch()}, "linux", "cpu"),
     (" MLX ", {"mlx.core": fake_mlx()}, "darwin", "mlx"),
     ("mlx", {"mlx.core": fake_mlx(metal=False)}, "linux", "mlx"),  # Linux MLX (CPU or CUDA build): only on request
     ("mps", {"torch": fake_torch(mps=True)}, "darwin", "mps"),
@@ -116,14 +118,103 @@ def test_requested_backend_that_works_is_returned(machine, monkeypatch, requeste
     ("darwin", {"mlx.core": fake_mlx(metal=False), "torch": fake_torch(mps=True)}, "mps"),
     ("darwin", {"torch": fake_torch(mps=True)}, "mps"),
     ("darwin", {"torch": fake_torch(mps=False)}, "cpu"),
-    ("darwin", {}, "cpu"),
     ("linux", {"torch": fake_torch(cuda=True), "mlx.core": fake_mlx()}, "cuda"),
     ("linux", {"torch": fake_torch(cuda=False)}, "cpu"),
-    ("linux", {"mlx.core": fake_mlx()}, "cpu"),  # auto never picks MLX off a Mac
+    ("linux", {"torch": fake_torch(cuda=False), "mlx.core": fake_mlx()}, "cpu"),  # PyTorch's CPU is the faster one
+    ("linux", {"mlx.core": fake_mlx()}, "mlx"),  # MLX's CPU (or CUDA) build when PyTorch is missing
 ])
 def test_auto_preference_order(machine, platform, modules, expected):
     machine(platform, modules)
     assert backends.detect_backend() == expected
+
+
+# What `uv sync --extra ...` installed: none, torch (the mps extra), mlx, or both (all)
+EXTRAS = {"none": (), "mps": ("torch",), "mlx": ("mlx.core",), "all": ("torch", "mlx.core")}
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux"])
+@pytest.mark.parametrize("extras", EXTRAS)
+@pytest.mark.parametrize("requested", backends.BACKENDS)
+def test_every_install_and_backend_gives_a_backend_that_runs_or_one_line(machine, monkeypatch, platform, extras,
+                                                                        requested):
+    """A Mac with Metal and MPS, a Linux box without a GPU: whatever is installed and asked for, detect_backend
+    returns a backend whose framework is installed, or one line; where installing would help, it names the command."""
+    fakes = {"torch": fake_torch(mps=platform == "darwin"), "mlx.core": fake_mlx()}
+    machine(platform, {name: fakes[name] for name in EXTRAS[extras]})
+    monkeypatch.setenv("AUTORESEARCH_BACKEND", requested)
+    needs = {"mlx": "mlx.core", "mps": "torch", "cuda": "torch", "cpu": "torch"}
+    try:
+        backend = backends.detect_backend()
+    except backends.BackendError as e:
+        message = str(e)
+        assert "\n" not in message
+        if requested == "auto":
+            assert extras == "none"
+            assert message == ("no backend can run here: " + "; ".join(
+                f"{name} is not installed: run `uv sync --extra {extra}`"
+                for name, extra in (("mlx", "mlx"), ("torch", "mps"))[::1 if platform == "darwin" else -1]))
+        elif needs[requested] not in EXTRAS[extras]:
+            extra = "mlx" if requested == "mlx" else "mps"
+            assert message.endswith(f"is not installed: run `uv sync --extra {extra}`"), message
+        else:  # installed, but this machine has no such device
+            assert (requested, platform) in (("cuda", "darwin"), ("cuda", "linux"), ("mps", "linux")), message
+            assert "is_available() is False" in message
+        return
+    assert needs[backend] in EXTRAS[extras]
+    assert backend == requested or requested == "auto"
+    if requested == "auto":  # the preference order
+        order = ("mlx", "mps", "cpu") if platform == "darwin" else ("cpu", "mlx")
+        assert backend == next(b for b in order if needs[b] in EXTRAS[extras])
+
+
+def hide(tmp_path, *modules):
+    """Environment for a subprocess in which importing these modules fails as if they were not installed (a
+    sitecustomize on PYTHONPATH, so processes it execs, such as train.py's hand-over to train_mlx.py, inherit it)."""
+    folder = tmp_path / "hide"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {modules!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    environ = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_BACKEND"}
+    return {**environ, "PYTHONPATH": f"{folder}:{ROOT}", "AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty")}
+
+
+def run(args, env, **extra):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**env, **extra})
+
+
+def test_only_mlx_installed_for_real(tmp_path):
+    """torch really unimportable: auto runs MLX, python -m backends says so, and asking for cpu is one line."""
+    env = hide(tmp_path, "torch")
+    assert run(["-c", "import torch"], env).returncode == 1  # the hiding works
+    result = run(["-m", "backends"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "backend:            mlx"
+    result = run(["train.py"], env)  # hands over to train_mlx.py, which needs no torch and stops at the empty cache
+    assert result.stdout.splitlines()[0].startswith("backend: mlx -> handing over to train_mlx.py")
+    assert result.returncode == 1 and result.stderr.splitlines() == [f"error: no data in {tmp_path}/empty/data: "
+                                                                      f"run `uv run prepare.py` first"]
+    for args in (["train.py"], ["-m", "backends"]):
+        result = run(args, env, AUTORESEARCH_BACKEND="cpu")
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.splitlines() == ["cpu requested (AUTORESEARCH_BACKEND=cpu) but torch is not installed: "
+                                              "run `uv sync --extra mps`"]
+
+
+@pytest.mark.parametrize("args", [["train.py"], ["train_mlx.py"], ["-m", "backends"]], ids=" ".join)
+def test_no_framework_installed_for_real(tmp_path, args):
+    result = run(args, hide(tmp_path, "torch", "mlx"))
+    assert result.returncode == 1 and result.stdout == ""
+    expected = ("no backend can run here: torch is not installed: run `uv sync --extra mps`; mlx is not installed: "
+                "run `uv sync --extra mlx`")
+    if args == ["train_mlx.py"]:
+        expected = "error: mlx is not installed: run `uv sync --extra mlx`"
+    assert result.stderr.splitlines() == [expected]
 
 
 def test_auto_on_this_machine_is_cpu(monkeypatch):
@@ -388,6 +479,21 @@ def test_importing_backends_imports_neither_framework():
     code = "import sys, backends; print(sorted(m for m in ('torch', 'mlx') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_frozen_objects_are_freed_at_exit_so_nothing_prints_after_the_summary():
+    """The trainers freeze the GC after their first step (as the original). torch imports triton with torch._dynamo
+    (here through the meta-device init); frozen, its objects outlive the last collection and nanobind reports them as
+    ~30 lines of "leaked" at exit. Importing backends makes the exit collection free them instead."""
+    pytest.importorskip("torch")
+    code = ("import gc, backends, torch\n"
+            "with torch.device('meta'):\n"
+            "    torch.nn.Embedding(8, 4)\n"
+            "gc.freeze()\n"
+            "print('summary')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "summary\n"
+    assert result.stderr == ""
 
 
 def test_python_m_backends_prints_the_summary():

@@ -239,7 +239,7 @@ def test_prepare_help_lists_every_option_the_readme_names():
     for option in options:
         assert option in result.stdout, option
     for fact in (".parquet", "`text`", ".jsonl", ".txt", "blank lines", "<|endoftext|>", "shard_06542.parquet",
-                 "val/valid/validation", "10%", "-1 = all"):
+                 "val/valid/validation", "EVAL_TOKENS", "a fifth", "-1 = all"):
         assert fact in result.stdout, fact  # the README describes --source's formats as --help does
 
 
@@ -344,6 +344,14 @@ def test_tail_shows_the_end_of_the_log(torch_run):
         data = f.read()
     lines = data.removesuffix(b"\n").split(b"\n")  # the last line may lack its \n (a library's exit message)
     assert result.stdout == b"\n".join(lines[-50:]) + (b"\n" if data.endswith(b"\n") else b"")
+
+
+def test_run_log_ends_with_the_summary(torch_run):
+    """Nothing after the summary (no library's exit-time messages): a crash's traceback is what `tail` shows."""
+    returncode, _, log = torch_run
+    assert returncode == 0, log[-3000:]
+    last_key, _ = printed_summary(log)[-1]
+    assert log.rstrip("\n").split("\n")[-1].startswith(f"{last_key}:"), log[-3000:]
 
 
 def test_git_workflow_keeps_and_discards_commits(tmp_path):

@@ -104,11 +104,25 @@ def test_check_shard_wants_a_text_column_and_rows(tmp_path, table, problem):
     assert prepare.check_shard(str(tmp_path / "s.parquet")) == problem
 
 
+def offline_hint(failed, total, url, names):
+    return (f"error: {failed} of {total} shards could not be downloaded from {url} ({names}): rerun to retry; "
+            f"offline, set HF_ENDPOINT to a Hugging Face mirror or AUTORESEARCH_DATA_URL to a folder of shards, or "
+            f"build the data from local files with `uv run prepare.py --source PATH`")
+
+
+def test_every_shard_failing_names_a_few_and_the_ways_to_work_offline(data_dir, capsys):
+    url = "http://127.0.0.1:9"  # nothing listens: every attempt fails at once
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.download_data(5, download_workers=8, base_url=url, backoff=0.001)
+    assert str(info.value) == offline_hint(6, 6, url, "shard_00000.parquet, shard_00001.parquet, shard_00002.parquet "
+                                                       "and 3 more")
+
+
 def test_persistent_failure_names_the_shard_then_a_rerun_completes(server, data_dir, synthetic_corpus, capsys):
     server.faults["shard_00001.parquet"] = ["500"] * prepare.DOWNLOAD_ATTEMPTS
     with pytest.raises(prepare.PrepareError) as info:
         download(server)
-    assert str(info.value) == "Data: 3/4 shards ready; failed: shard_00001.parquet (rerun to retry)"
+    assert str(info.value) == offline_hint(1, 4, server.url, "shard_00001.parquet")
     assert "shard_00001.parquet: failed after 5 attempt(s)" in capsys.readouterr().out
     assert requests_for(server, "shard_00001.parquet") == 5
     assert sorted(os.listdir(data_dir)) == [n for n in NAMES if n != "shard_00001.parquet"]
@@ -125,7 +139,7 @@ def test_missing_shard_fails_at_once_and_the_cli_exits_nonzero(synthetic_corpus,
         result = run_prepare("--num-shards", "3", env={"AUTORESEARCH_DATA_URL": server.url})
         assert requests_for(server, "shard_00002.parquet") == 1  # a 404 is not retried
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "Data: 3/4 shards ready; failed: shard_00002.parquet (rerun to retry)"
+    assert result.stderr.splitlines() == [offline_hint(1, 4, server.url, "shard_00002.parquet")]  # one line
     assert "Tokenizer" not in result.stdout  # nothing runs on incomplete data
     with serve_shards(synthetic_corpus) as server:  # the mirror is complete again
         download(server)
@@ -159,7 +173,7 @@ def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
-    assert err.strip() == "interrupted: rerun `uv run prepare.py` to resume"
+    assert err.strip() == "interrupted: rerun `uv run prepare.py --num-shards 3` to resume"
     assert not (data_dir / "shard_06542.parquet").exists()
     assert all(path.startswith(MIRROR_PATH) for path in server.requests)
 

@@ -8,7 +8,13 @@ import json
 import math
 import os
 import random
+import re
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -17,8 +23,8 @@ import pytest
 import tiktoken
 
 import prepare
-from corpus import (CAPPED_WORD, COMMON_WORD, VAL_ONLY_WORD, make_docs, reference_dataloader, run_prepare,
-                    run_python, use_cache, write_shard)
+from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, make_docs, make_multilingual_docs,
+                    reference_dataloader, run_prepare, run_python, use_cache, write_shard)
 
 UNREACHABLE = {"AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # any download attempt would fail
 
@@ -108,13 +114,44 @@ def test_tokenizer_learns_from_training_text_only(tokenizer):
     assert len(tokenizer.encode(" " + CAPPED_WORD)) > 4
 
 
-def test_token_bytes_follow_the_decode_rule(tokenizer):
+def decode_rule(enc):
+    """The token_bytes of an older prepare.py (and of the original): the UTF-8 length of each token's decoded text,
+    3 bytes (U+FFFD) for any token that is not valid UTF-8 on its own."""
+    return np.array([0 if enc.decode([i]) in prepare.SPECIAL_TOKENS else len(enc.decode([i]).encode("utf-8"))
+                     for i in range(enc.n_vocab)], dtype=np.int32)
+
+
+def test_token_bytes_are_the_raw_bytes_of_each_token(tokenizer):
     token_bytes = prepare.get_token_bytes()
     assert token_bytes.dtype == np.int32 and token_bytes.shape == (8192,)
-    expected = [0 if tokenizer.decode([i]) in prepare.SPECIAL_TOKENS else len(tokenizer.decode([i]).encode("utf-8"))
-                for i in range(8192)]
-    assert token_bytes.tolist() == expected
+    assert token_bytes[:8188].tolist() == [len(tokenizer.enc.decode_single_token_bytes(i)) for i in range(8188)]
     assert token_bytes[8188:].tolist() == [0, 0, 0, 0] and token_bytes[:8188].min() >= 1
+    # a lone high byte (here 0xC3, the first byte of é) is one byte of text, not the three of U+FFFD
+    high = tokenizer.enc.encode_single_token(bytes([0xC3]))
+    assert token_bytes[high] == 1 and decode_rule(tokenizer.enc)[high] == 3
+    text = "café naïve Zürich 東京 данные 😀 — 漢字とかな交じり文 Ελληνικά"  # rare characters: split into their bytes
+    assert token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+
+
+def test_val_bytes_are_the_bytes_of_the_text_on_accented_and_cjk_text(tmp_path, monkeypatch):
+    """The metric's denominator on a corpus of accented and Chinese text: every validation byte counted once."""
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = make_multilingual_docs(random.Random(5), 2100)
+    val_docs = docs[2000:]
+    (src / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:2000]))
+    (src / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in val_docs))
+    result = run_prepare("--source", str(src), env={**UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    use_cache(monkeypatch, tmp_path / "cache")
+    tokenizer = load_tokenizer(tmp_path / "cache")
+    enc = tokenizer.enc
+    partial = [i for i in range(8188) if len(enc.decode_single_token_bytes(i)) > 1 and "\ufffd" in enc.decode([i])]
+    assert len(partial) >= 10  # merges that end inside a character: the tokens the decode rule got wrong
+    token_bytes = prepare.get_token_bytes()
+    ((tokens_path, _, _),) = prepare._token_shards(tokenizer, "val")
+    val_tokens = np.load(tokens_path)
+    assert token_bytes[val_tokens].sum() == sum(len(d.encode("utf-8")) for d in val_docs)
 
 
 def test_text_iterator_caps_documents_and_characters(prepared_cache):
@@ -262,6 +299,18 @@ def snapshot(folder, pattern="*"):
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob(pattern) if p.is_file()}
 
 
+def validation_report(cache, eval_tokens=prepare.EVAL_TOKENS):
+    """The lines prepare prints about the validation shard's size, from the token cache's manifest."""
+    manifest = json.loads(next((cache / "tokens").glob("*/manifest.json")).read_text())
+    n = manifest["shards"][prepare.VAL_FILENAME]["num_tokens"]
+    lines = [f"Tokens: validation shard {prepare.VAL_FILENAME}: {n:,} tokens (the evaluation reads {eval_tokens:,})"]
+    if n < eval_tokens:
+        lines.append(f"warning: the validation shard has fewer tokens than the evaluation reads (EVAL_TOKENS): it will "
+                     f"repeat rows, going through the shard about {eval_tokens / n:.1f} times; more validation text "
+                     f"avoids it")
+    return lines
+
+
 def test_rerun_skips_everything_up_to_date(cache_copy):
     before = snapshot(cache_copy)
     result = run_prepare("--num-shards", "3", env=UNREACHABLE)
@@ -269,7 +318,18 @@ def test_rerun_skips_everything_up_to_date(cache_copy):
     assert "Data: all 4 shards ready" in result.stdout
     assert "Tokenizer: up to date" in result.stdout
     assert "Tokens: all 4 shards already tokenized" in result.stdout
+    report = validation_report(cache_copy)
+    assert len(report) == 2  # the synthetic validation shard is small: the warning too
+    assert "\n".join(report) in result.stdout
     assert snapshot(cache_copy) == before
+
+
+def test_no_warning_when_the_validation_shard_is_large_enough(cache_copy):
+    result = run_prepare("--num-shards", "3", env={**UNREACHABLE, "AUTORESEARCH_EVAL_TOKENS": "4096"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (report,) = validation_report(cache_copy, 4096)
+    lines = result.stdout.splitlines()
+    assert report in lines and not [line for line in lines if line.startswith("warning")]
 
 
 def test_changed_training_shard_retrains_tokenizer_and_tokens(cache_copy):
@@ -299,6 +359,32 @@ def test_changed_validation_shard_retokenizes_without_retraining(cache_copy):
     x, _, _ = next(prepare.make_dataloader(tokenizer, 2, 128, "val"))
     x_ref, _, _ = next(reference_dataloader(tokenizer, 2, 128, "val"))
     assert np.array_equal(x, x_ref)
+
+def test_token_bytes_of_an_older_prepare_are_refused_then_rewritten(cache_copy):
+    """A cache prepared before token_bytes counted raw bytes: the trainers refuse it at startup (not after 5 minutes
+    of training), and rerunning prepare rewrites the table without retraining the tokenizer or retokenizing."""
+    path = cache_copy / "tokenizer" / "token_bytes.npy"
+    enc = load_tokenizer(cache_copy).enc
+    np.save(path, decode_rule(enc))
+    wrong = int((decode_rule(enc) != prepare.token_byte_lengths(enc)).sum())
+    assert wrong >= 128  # at least the lone high bytes
+    message = (f"error: {path} counts the bytes of {wrong} of 8192 tokens wrongly (made by an older prepare.py): "
+               f"run `uv run prepare.py`")
+    for load in (prepare.get_token_bytes, lambda: load_tokenizer(cache_copy)):
+        with pytest.raises(prepare.PrepareError) as info:
+            load()
+        assert str(info.value) == message
+    result = run_python("import prepare; prepare.Tokenizer.from_directory()")
+    assert result.returncode == 1 and result.stderr.splitlines() == [message]
+
+    before = snapshot(cache_copy / "tokens")
+    result = run_prepare("--num-shards", "3", env=UNREACHABLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"Tokenizer: up to date at {cache_copy}/tokenizer; rewrote token_bytes.npy, which counts the bytes of "
+            f"{wrong} of 8192 tokens wrongly (made by an older prepare.py)") in result.stdout.splitlines()
+    assert "Tokens: all 4 shards already tokenized" in result.stdout
+    assert snapshot(cache_copy / "tokens") == before
+    assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(enc).tolist()
 
 # ---------------------------------------------------------------------------
 # --source: local corpora
@@ -354,23 +440,31 @@ def test_source_rerun_is_idempotent_and_drops_stale_shards(tmp_path, monkeypatch
     assert sorted(p.name for p in data.glob("*.parquet")) == names[:2] + names[-1:]
 
 
-def test_source_without_validation_file_holds_out_the_tail(tmp_path, monkeypatch):
+@pytest.mark.parametrize("eval_tokens", [2048, 10 * 524288])
+def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, monkeypatch, eval_tokens):
+    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at SOURCE_CHARS_PER_TOKEN
+    characters a token), but never more than a fifth of the corpus."""
     use_cache(monkeypatch, tmp_path / "cache")
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
     src = tmp_path / "src"
     src.mkdir()
-    docs = [f"document number {i} " * (i % 7 + 1) for i in range(200)]
+    docs = [f"document number {i} " * (i % 7 + 1) for i in range(1000)]
     (src / "all.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     prepare.build_from_source(str(src))
     train = shard_texts(tmp_path / "cache" / "data" / "shard_00000.parquet")
     val = shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
     assert train + val == docs
-    val_share = sum(map(len, val)) / sum(map(len, docs))
-    assert 0.1 <= val_share < 0.12  # the last ~10% of the text
+    total = sum(map(len, docs))
+    budget = min(eval_tokens * prepare.SOURCE_CHARS_PER_TOKEN, total // 5)
+    assert sum(map(len, val)) >= budget > sum(map(len, val[1:]))
+    assert budget == (10240 if eval_tokens == 2048 else total // 5)  # enough for 2048 tokens; a fifth of this corpus
 
 
 @pytest.mark.parametrize("setup,message", [
     (lambda src: None, "no such file or folder"),
     (lambda src: src.mkdir() or (src / "notes.md").write_text("x"), "no .parquet, .jsonl or .txt files"),
+    (lambda src: src.mkdir() or (src / "a.jsonl").write_text("") or (src / "b.txt").write_text("\n\n"),
+     "need at least 2 documents"),  # empty files
     (lambda src: src.mkdir() or (src / "a.jsonl").write_text('{"text": "ok"}\n[1, 2]\n'), r"a.jsonl:2: not a JSON object"),
     (lambda src: src.mkdir() or (src / "a.jsonl").write_text('{"body": "x"}\n'), r"a.jsonl:1: not a JSON object with a string field `text`"),
     (lambda src: src.mkdir() or pq.write_table(pa.table({"body": ["x"]}), src / "a.parquet"), "a.parquet: no `text` column"),
@@ -383,6 +477,114 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch, setup, message):
     with pytest.raises(prepare.PrepareError, match=message) as info:
         prepare.build_from_source(str(tmp_path / "src"))
     assert "\n" not in str(info.value)
+
+
+def write_text_docs(path, n=3):
+    path.write_text("".join(f"document {i}\n\n" for i in range(n)))
+
+
+# Unreadable inputs: each ends in one line that names the file (and the line, for text) and the problem
+UNREADABLE = {
+    "not parquet": (lambda src: (src / "a.parquet").write_text("just text"),
+                    r"{src}/a\.parquet: not a readable parquet file \(.*magic bytes.*\)"),
+    "empty parquet": (lambda src: (src / "a.parquet").write_bytes(b""),
+                      r"{src}/a\.parquet: not a readable parquet file \(.*0 bytes.*\)"),
+    "text of numbers": (lambda src: pq.write_table(pa.table({"text": [1, 2]}), src / "a.parquet"),
+                        r"{src}/a\.parquet: column `text` holds int64, not strings"),
+    "latin-1 txt": (lambda src: (src / "b.txt").write_bytes("one\n\ntwo\n\ncaf\u00e9\n".encode("latin-1")),
+                    r"{src}/b\.txt:5: not UTF-8 text \(byte 0xe9\): convert the file to UTF-8"),
+    "latin-1 jsonl": (lambda src: (src / "b.jsonl").write_bytes('{"text": "ok"}\n{"text": "na\u00efve"}\n'.encode("latin-1")),
+                      r"{src}/b\.jsonl:2: not UTF-8 text \(byte 0xef\): convert the file to UTF-8"),
+    "broken link": (lambda src: os.symlink(src / "gone.txt", src / "b.txt"),
+                    r"{src}/b\.txt: cannot read it \(No such file or directory\)"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+def test_unreadable_source_file_is_one_line_naming_it(tmp_path, monkeypatch, case):
+    setup, pattern = UNREADABLE[case]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a-good.txt")  # read first, in sorted order: the bad file is not the only one
+    setup(src)
+    use_cache(monkeypatch, tmp_path / "cache")
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.build_from_source(str(src))
+    message = str(info.value)
+    assert re.fullmatch("error: " + pattern.format(src=re.escape(str(src))), message), message
+
+
+def test_unreadable_source_through_the_cli_has_no_traceback(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "b.parquet").write_text("just text")
+    result = run_prepare("--source", str(src), env={**UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {src}/b.parquet: not a readable parquet file (")
+
+
+def test_unreadable_permissions_are_one_line(tmp_path, monkeypatch):
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    if os.access(probe, os.R_OK):
+        pytest.skip("this user reads files whatever their permissions (root with CAP_DAC_OVERRIDE)")
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "secret").mkdir()
+    write_text_docs(src / "secret" / "b.txt")
+    use_cache(monkeypatch, tmp_path / "cache")
+    (src / "a.txt").chmod(0)
+    with pytest.raises(prepare.PrepareError, match=rf"^error: {re.escape(str(src))}/a.txt: cannot read it \(Permission denied\)$"):
+        prepare.build_from_source(str(src))
+    (src / "a.txt").chmod(0o644)
+    (src / "secret").chmod(0)
+    with pytest.raises(prepare.PrepareError, match=rf"^error: {re.escape(str(src))}/secret: cannot list it \(Permission denied\)$"):
+        prepare.build_from_source(str(src))
+
+
+def test_single_file_of_another_type_names_the_accepted_ones(tmp_path, monkeypatch):
+    use_cache(monkeypatch, tmp_path / "cache")
+    (tmp_path / "notes.md").write_text("one\n\ntwo\n")
+    with pytest.raises(prepare.PrepareError) as info:
+        prepare.build_from_source(str(tmp_path / "notes.md"))
+    assert str(info.value) == (f"error: --source {tmp_path}/notes.md: not a .parquet, .jsonl or .txt file "
+                               f"(a plain-text corpus must end in .txt)")
+
+
+def test_source_skips_other_files_and_says_which(tmp_path, monkeypatch, capsys):
+    """A folder named like a file is searched like any folder; files of other types are left out, by name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    write_text_docs(src / "a.txt")
+    (src / "part.parquet").mkdir()  # e.g. a dataset written as a folder of parts
+    write_text_docs(src / "part.parquet" / "b.txt")
+    (src / "empty.txt").write_text("")
+    for name in ("README.md", "notes.md", "data.csv", "z.jsonl.gz"):
+        (src / name).write_text("x")
+    use_cache(monkeypatch, tmp_path / "cache")
+    prepare.build_from_source(str(src))
+    out = capsys.readouterr().out
+    assert (f"Source: reading 3 files from {src} (skipped 4 of other types: README.md, data.csv, notes.md and 1 more)"
+            in out.splitlines())
+    docs = shard_texts(tmp_path / "cache" / "data" / "shard_00000.parquet") + \
+        shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
+    assert docs == [f"document {i}" for i in range(3)] * 2
+
+
+def test_second_source_into_the_same_cache_says_it_replaces_the_first(tmp_path, monkeypatch, capsys):
+    use_cache(monkeypatch, tmp_path / "cache")
+    write_source(tmp_path / "first")
+    for _ in range(2):  # a rerun on the same corpus replaces nothing
+        prepare.build_from_source(str(tmp_path / "first"))
+        assert "replacing" not in capsys.readouterr().out
+    write_source(tmp_path / "second", val_file=False)
+    prepare.build_from_source(str(tmp_path / "second"))
+    assert (f"Source: this cache holds the corpus built from --source {tmp_path}/first: replacing it (its shards are "
+            f"deleted, and the tokenizer and token ids follow the new text)") in capsys.readouterr().out.splitlines()
 
 
 def test_source_refuses_to_overwrite_downloaded_shards(cache_copy, tmp_path):
@@ -406,7 +608,7 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     result = run_prepare("--source", str(src), env=UNREACHABLE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Tokenizer: no tokenizer yet; training BPE tokenizer on 1 training shards" in result.stdout
-    assert result.stdout.strip().endswith("Done! Ready to train.")
+    assert result.stdout.strip().endswith("\n".join(validation_report(tmp_path / "cache")) + "\n\nDone! Ready to train.")
     tokenizer = load_tokenizer(tmp_path / "cache")
     for split in ("train", "val"):
         fast, ref = prepare.make_dataloader(tokenizer, 2, 512, split), reference_dataloader(tokenizer, 2, 512, split)
@@ -419,11 +621,56 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     assert "Tokenizer: up to date" in result.stdout
 
 
+def test_interrupted_source_names_the_command_that_resumes_it(synthetic_corpus, tmp_path):
+    """Ctrl-C while --source reads the validation file, after the training shard is written: the message names the
+    --source command (a plain `uv run prepare.py` would download from the hub), and that command finishes the job."""
+    src = tmp_path / "my corpus"  # a space: the command must come quoted
+    src.mkdir()
+    for i in range(3):
+        shutil.copy(os.path.join(synthetic_corpus, f"shard_{i:05d}.parquet"), src / f"part-{i}.parquet")
+    os.mkfifo(src / "val.txt")  # reading it blocks until the test lets go
+    cache = tmp_path / "cache"
+    env = {**os.environ, **UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen([sys.executable, "prepare.py", "--source", str(src)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while True:  # opening the writing end succeeds once prepare waits on the reading end
+        assert proc.poll() is None and time.time() < deadline, "prepare never reached the validation file"
+        try:
+            writer = os.open(src / "val.txt", os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            time.sleep(0.05)
+    assert (cache / "data" / "shard_00000.parquet").exists()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    os.close(writer)
+    assert proc.returncode == 130
+    command = f"uv run prepare.py --source {shlex.quote(str(src))}"
+    assert err.strip() == f"interrupted: rerun `{command}` to resume"
+
+    result = run_prepare(env=env)  # the plain command: not on half-built data, and no download
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"error: building the data from --source {src} did not finish: "
+                                          f"rerun `{command}`"]
+    (src / "val.txt").unlink()
+    write_text_docs(src / "val.txt", 5)
+    result = run_prepare(*shlex.split(command)[3:], env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Done! Ready to train." in result.stdout
+
+
 def test_help_documents_the_options():
     result = run_prepare("--help", env={"COLUMNS": "1000"})  # no line wrapping inside the phrases
     assert result.returncode == 0
     for option in ("--num-shards", "--download-workers", "--source", "<|endoftext|>", "blank lines", "shard_06542"):
         assert option in result.stdout
+    # the environment variables that move the cache and the download, with what each one does
+    lines = result.stdout.splitlines()
+    for name, what in (("AUTORESEARCH_CACHE_DIR", prepare.CACHE_DIR), ("HF_ENDPOINT", "mirror"),
+                       ("AUTORESEARCH_DATA_URL", "folder of shards")):
+        (line,) = [line for line in lines if line.strip().startswith(name)]
+        assert what in line, line
 
 # ---------------------------------------------------------------------------
 # evaluate_bpb: one metric for PyTorch and MLX
