@@ -218,7 +218,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def __call__(self, x, ve, window):
+    def __call__(self, x, x0, resid_lambda, x0_lambda, ve, window):
+        # the original mixes in x0 just before each block. The float32 scalars are cast: an MLX float32 array times a
+        # bf16 one would promote the whole residual stream
+        x = resid_lambda.astype(x.dtype) * x + x0_lambda.astype(x.dtype) * x0
         x = x + self.attn(norm(x), ve, window)
         x = x + self.mlp(norm(x))
         return x
@@ -328,19 +331,20 @@ class GPT(nn.Module):
         return MuonAdamW(param_groups)
 
     def __call__(self, idx, targets=None, reduction="mean"):
-        B, T = idx.shape
+        T = idx.shape[1]
         assert T <= self.config.sequence_len * 10  # the PyTorch model's RoPE table length
 
         x = self.transformer["wte"](idx)
         x = norm(x)
         x0 = x
         for i, block in enumerate(self.transformer["h"]):
-            # Cast the float32 scalars: an MLX float32 array times a bf16 one would promote the whole residual stream
-            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, self.window_sizes[i])
-        x = norm(x)
+            x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, self.window_sizes[i])
+        return self.head(x, targets, reduction)
 
+    def head(self, x, targets, reduction):
+        """Final norm, lm_head, softcap and the loss: the logits (and the loss) in float32, as the original."""
+        x = norm(x)
         softcap = 15
         loss_chunks = 8  # lm_head_cross_entropy holds the logits of 1/8 of the tokens at a time
         if targets is None:
@@ -348,8 +352,9 @@ class GPT(nn.Module):
             return softcap * mx.tanh(logits.astype(mx.float32) / softcap)
         valid = targets != -1  # ignore_index=-1, as F.cross_entropy in train.py
         safe_targets = mx.where(valid, targets, 0).reshape(-1)
-        loss = lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, safe_targets, softcap, loss_chunks)
-        loss = loss.reshape(B, T) * valid
+        loss = lm_head_cross_entropy(x.reshape(safe_targets.size, -1), self.lm_head.weight, safe_targets, softcap,
+                                     loss_chunks)
+        loss = loss.reshape(targets.shape) * valid
         return loss if reduction == "none" else loss.sum() / mx.maximum(valid.sum(), 1)
 
 # ---------------------------------------------------------------------------
