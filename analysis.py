@@ -197,11 +197,11 @@ def decide(head, kept, spread):
     if kept is None:
         return ("keep" if len(head) >= BASELINE_RUNS else "rerun"), None, None
     gain = mean(kept) - mean(head)
+    threshold = bar(spread, len(kept), len(head)) if spread["sigma"] is not None else None
     if gain <= 0:
-        return "discard", gain, None
-    if spread["sigma"] is None:
+        return "discard", gain, threshold
+    if threshold is None:
         return "rerun", gain, None
-    threshold = bar(spread, len(kept), len(head))
     if gain > threshold:
         return "keep", gain, threshold
     return ("discard" if len(head) >= MAX_RUNS else "rerun"), gain, threshold

@@ -88,7 +88,7 @@ def check_summary(log_path, backend, untrained):
     assert RECORD_KEYS <= set(rec), RECORD_KEYS - set(rec)
     assert rec["status"] == "ok" and rec["backend"] == backend and rec["warnings"] == warnings
     for key, value in values.items():
-        assert str(rec[key]) == value, key
+        assert rec[key] == (value if isinstance(rec[key], str) else float(value)), key
     assert rec["trainer"] == ("train_mlx.py" if backend == "mlx" else "train.py")
     assert rec["trainer_sha"] == record.fingerprint([rec["trainer"]], ROOT)
     assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()]

@@ -78,7 +78,7 @@ def test_the_record_holds_what_the_summary_printed(in_tmp, capsys):
     (rec,) = runs(in_tmp)
     assert rec["status"] == "ok"
     for key in KEYS:
-        assert str(rec[key]) == printed[key], key
+        assert rec[key] == (printed[key] if isinstance(rec[key], str) else float(printed[key])), key
     assert rec["trainer"] == "train.py" and rec["trainer_sha"] == record.fingerprint(["train.py"], ROOT)
     assert re.fullmatch(r"[0-9a-f]{8}", rec["trainer_sha"]) and re.fullmatch(r"[0-9a-f]{8}", rec["harness"])
     assert rec["smoke"] == [] and rec["warnings"] == [] and rec["swap_mb"] is None and rec["swapped"] is False
