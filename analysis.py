@@ -448,8 +448,12 @@ def plot(rows, records, report, path=PLOT):
     if report["baseline"]["val_bpb"] is not None:  # a diverged run far above the baseline would squash the rest
         high = min(high, report["baseline"]["val_bpb"] + 1.5 * (report["baseline"]["val_bpb"] - low) + 3 * (sigma or 0))
     pad = 0.08 * (high - low or 0.01)
-    ax.set_ylim(low - 2 * pad, high + 2 * pad)
     clip = lambda y: min(max(y, low - pad), high + pad)  # outliers sit at the edge instead of squashing the rest
+    band = BAND_SIGMAS * (sigma or 0)
+    if report["best"]["val_bpb"] is not None:  # the whole noise band in view
+        low = min(low, report["best"]["val_bpb"] - band)
+        high = max(high, report["baseline"]["val_bpb"] + band)
+    ax.set_ylim(low - 2 * pad, high + 2 * pad)
 
     for status in ("discard", "rerun", "keep"):
         points = [(i, clip(row["val_bpb"])) for i, row in finished if final[row["commit"]] == status]
@@ -480,8 +484,8 @@ def plot(rows, records, report, path=PLOT):
         best_y.append(best_y[-1])
         ax.step(best_x, best_y, where="post", color=COLORS["keep"], linewidth=1.8, label="running best", zorder=2)
         if sigma is not None:
-            ax.fill_between(best_x, [y - BAND_SIGMAS * sigma for y in best_y], [y + BAND_SIGMAS * sigma for y in best_y],
-                            step="post", color=COLORS["keep"], alpha=0.12, label=f"noise band (±{BAND_SIGMAS} sigma)")
+            ax.fill_between(best_x, [y - band for y in best_y], [y + band for y in best_y], step="post",
+                            color=COLORS["keep"], alpha=0.12, label=f"noise band (±{BAND_SIGMAS} sigma)")
     labelled = set()
     for i in reversed(range(len(rows))):  # each kept commit labelled once, at its last keep row
         row = rows[i]
@@ -502,7 +506,7 @@ def plot(rows, records, report, path=PLOT):
     ax.set_ylabel("val_bpb (lower is better)")
     ax.set_xlim(-0.7, len(rows) - 0.3)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
