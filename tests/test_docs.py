@@ -211,7 +211,7 @@ def test_python_m_backends_prints_the_fields_the_readme_shows():
 
 def markdown_table(text, header_word):
     """Rows (lists of cells) of the first markdown table whose header row contains header_word."""
-    lines = text.splitlines()
+    lines = [line.strip() for line in text.splitlines()]  # a table may be indented under a list item
     start = next(i for i, line in enumerate(lines) if line.startswith("|") and header_word in line)
     rows = []
     for line in lines[start:]:
@@ -430,6 +430,23 @@ def test_bench_verdict_runs():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2 + 6  # two header lines, one line per true gain
+
+
+def test_program_md_works_on_every_backend():
+    """The agent on an NVIDIA machine or a CPU finds its row (file and command), and the cache where it really is."""
+    program = read(PROGRAM)
+    header, rows = markdown_table(section(program, "Setup"), "the run command")
+    assert header == ["backend", "when", "the file you edit", "the run command"]
+    assert {row[0].lower() for row in rows} == set(backends.BACKENDS) - {"auto"}
+    for name, _, trainer, command in rows:
+        trainer, command = trainer.strip("`"), command.strip("`")
+        assert command.split(" > ")[0].endswith(f"uv run {trainer}") and trainer == (
+            "train_mlx.py" if name == "MLX" else "train.py"), (name, command)
+        if name in ("CUDA", "CPU"):  # named outright: a missing GPU is an error, not a silent CPU run
+            assert command.startswith(f"AUTORESEARCH_BACKEND={name.lower()} "), command
+    data_step = next(line for line in program.splitlines() if "**Check the data**" in line)
+    assert "AUTORESEARCH_CACHE_DIR" in data_step and "~/.cache/autoresearch/" in data_step
+    assert "this Mac" not in program  # the machine may be an NVIDIA box or a CPU
 
 
 def test_git_workflow_keeps_and_discards_commits(tmp_path):
