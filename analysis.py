@@ -343,7 +343,8 @@ def build_report(rows, records):
         return {"commit": commit, "val_bpb": mean(v) if v else None, "runs": len(v or []),
                 "description": describe[commit]}
 
-    baseline = summary(commits[0])
+    first = next((i for i, c in enumerate(commits) if c in values), 0)  # the first commit with a result
+    baseline = summary(commits[first])
     steps, previous = [], None
     for commit in commits:
         if status[commit] != "keep" or commit not in values:
@@ -356,7 +357,7 @@ def build_report(rows, records):
         steps.append(step)
         previous = step
     best = min(steps, key=lambda s: s["val_bpb"]) if steps else baseline
-    experiments = commits[1:]
+    experiments = commits[first + 1:]
     outcome = lambda word: sum(status[c] == word for c in experiments)
     matched_lines = set(matched)
     return {
@@ -452,6 +453,7 @@ def plot(rows, records, report, path=PLOT):
     band = BAND_SIGMAS * (sigma or 0)
     if report["best"]["val_bpb"] is not None:  # the whole noise band in view
         low = min(low, report["best"]["val_bpb"] - band)
+    if report["baseline"]["val_bpb"] is not None:
         high = max(high, report["baseline"]["val_bpb"] + band)
     ax.set_ylim(low - 2 * pad, high + 2 * pad)
 

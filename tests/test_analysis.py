@@ -301,3 +301,12 @@ def test_a_crash_row_is_data_not_an_error(tmp_path):
     returncode, out, err = cli(tmp_path)
     assert returncode == 0, err
     assert "keep rate  0 of 1 experiments kept (0%); 0 discarded, 1 crashed" in out
+
+
+def test_the_baseline_is_the_first_commit_with_a_result(tmp_path):
+    write(tmp_path, [row(BASE, 0.0, "crash", "baseline"), row(IDEA, 1.0, "keep", "baseline, fixed"),
+                     row(OTHER, 0.9, "discard", "idea")])
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "baseline   1.000000  bbbbbbb  (1 run)" in out  # the crashed first commit is no baseline
+    assert "keep rate  0 of 1 experiments kept" in out and (tmp_path / "progress.png").exists()
