@@ -184,11 +184,14 @@ def noise(groups):
             "groups": len(repeated)}
 
 
+def t_975(dof):
+    return T_975[min(dof, len(T_975)) - 1]
+
+
 def bar(spread, n_kept, n_head):
     """The gain a candidate must beat: the standard error of the difference of the two means times Student's t
     for the degrees of freedom behind sigma, and at least MIN_GAIN."""
-    t = T_975[min(spread["dof"], len(T_975)) - 1]
-    return max(t * spread["sigma"] * math.sqrt(1 / n_kept + 1 / n_head), MIN_GAIN)
+    return max(t_975(spread["dof"]) * spread["sigma"] * math.sqrt(1 / n_kept + 1 / n_head), MIN_GAIN)
 
 
 def decide(head, kept, spread):
@@ -269,8 +272,7 @@ def verdict(rows, records, head):
              f"last kept {kept}: val_bpb {mean(kept_values):.6f} ({runs(kept_values)})"]
     if threshold is not None:
         relation = ">" if gain > threshold else "<="
-        t = T_975[min(spread["dof"], len(T_975)) - 1]
-        lines.append(f"gain {gain:.6f} {relation} bar {threshold:.6f} = max(t {t} x sigma x "
+        lines.append(f"gain {gain:.6f} {relation} bar {threshold:.6f} = max(t {t_975(spread['dof'])} x sigma x "
                      f"sqrt(1/{len(kept_values)} + 1/{len(head_values)}), {MIN_GAIN})")
     else:
         lines.append(f"gain {gain:.6f}" + (" <= 0: not better" if gain <= 0 else ""))
