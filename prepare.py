@@ -803,6 +803,9 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 # Evaluation (DO NOT CHANGE — this is the fixed metric)
 # ---------------------------------------------------------------------------
 
+last_evaluation = {}  # rows and distinct_rows of the latest evaluate_bpb: the summary warns when they differ
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte (BPB): vocab size-independent evaluation metric.
@@ -812,6 +815,10 @@ def evaluate_bpb(model, tokenizer, batch_size):
     Uses fixed MAX_SEQ_LEN and EVAL_TOKENS // MAX_SEQ_LEN validation rows, whatever batch_size is,
     so results are comparable across configs. Works for a PyTorch or an MLX model called as
     model(x, y, reduction="none") -> per-token losses (B, T).
+    A validation shard smaller than EVAL_TOKENS is read more than once. last_evaluation then says how many rows
+    the shard's documents filled before one had to be used again: every document placed in a row starts with BOS,
+    so a row past that point holds more document starts than the shard has documents. (The loader's epoch cannot
+    tell: its buffer reads up to 1000 documents ahead, so a shard of fewer documents reports epoch 2 at once.)
     """
     token_bytes = get_token_bytes()
     num_rows = EVAL_TOKENS // MAX_SEQ_LEN
@@ -834,12 +841,21 @@ def evaluate_bpb(model, tokenizer, batch_size):
             return np.array(loss.astype(mx.float32))
 
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
+    val_documents = sum(sum(row_groups) for _, _, row_groups in _token_shards(tokenizer, "val"))
+    bos = tokenizer.get_bos_token_id()
     total_nats = 0.0  # float64 on the host: the same weights give the same number twice
     total_bytes = 0
     rows_done = 0
+    documents_used = 0
+    distinct_rows = num_rows  # rows filled before a validation document had to be used a second time
     while rows_done < num_rows:
         x, y, _ = next(val_loader)
         rows = min(batch_size, num_rows - rows_done)  # the last batch may be partial
+        starts = (x[:rows] == bos).sum(axis=1) + (y[:rows, -1] == bos)  # documents begun in each row
+        used = documents_used + np.cumsum(starts)
+        if distinct_rows == num_rows and used[-1] > val_documents:
+            distinct_rows = rows_done + int(np.argmax(used > val_documents))
+        documents_used = int(used[-1])
         for i in range(0, rows, chunk_rows):
             xc, yc = x[i:min(i + chunk_rows, rows)], y[i:min(i + chunk_rows, rows)]
             loss = losses(xc, yc).reshape(yc.shape).astype(np.float64)
@@ -847,6 +863,7 @@ def evaluate_bpb(model, tokenizer, batch_size):
             total_nats += float(loss[nbytes > 0].sum())
             total_bytes += int(nbytes.sum())
         rows_done += rows
+    last_evaluation.update(rows=num_rows, distinct_rows=distinct_rows)
     return total_nats / (math.log(2) * total_bytes)
 
 # ---------------------------------------------------------------------------

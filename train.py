@@ -30,7 +30,8 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, sample_memory, suggest_hyperparameters, sync_device
 from backends.muon_mps import MuonAdamW
-from prepare import MAX_SEQ_LEN, SMOKE_TEST_WARNING, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from backends.record import start_run
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -378,6 +379,7 @@ def get_weight_decay(progress):
 
 if __name__ == "__main__":
     t_start = time.time()
+    run = start_run(__file__, BACKEND, HW)  # runs.jsonl gets a record of this run, however it ends
     torch.manual_seed(42)
     device = torch.device(BACKEND)
     if BACKEND == "cuda":
@@ -391,7 +393,7 @@ if __name__ == "__main__":
         compute_dtype = torch.float32
     autocast_ctx = torch.amp.autocast(device_type=BACKEND, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     peak_flops = get_peak_flops(HW)
-    print(f"Backend: {BACKEND} | chip: {HW['chip']} | tier: {HW['tier']} | compute dtype: {str(compute_dtype).removeprefix('torch.')}")
+    print(f"backend: {BACKEND} | chip: {HW['chip']} | tier: {HW['tier']} | compute dtype: {str(compute_dtype).removeprefix('torch.')}")
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -454,6 +456,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------
 
     t_start_training = time.time()
+    run.mark_training_start()  # reads swap use: the summary warns if training pushed the machine into swap
     smooth_train_loss = 0
     total_training_time = 0
     step = 0
@@ -481,9 +484,7 @@ if __name__ == "__main__":
 
         # Fast fail: abort if loss is exploding, NaN or inf
         if not math.isfinite(train_loss_f) or train_loss_f > 100:
-            print()
-            print("FAIL")
-            sys.exit(1)
+            run.fail(step, train_loss_f)  # prints "FAIL: loss nan at step 37", records the run, exits with status 1
 
         sync_device(BACKEND)
         t1 = time.time()
@@ -518,6 +519,7 @@ if __name__ == "__main__":
             break
 
     print()  # newline after the \r training log
+    run.mark_training_end()
 
     total_tokens = step * TOTAL_BATCH_SIZE
 
@@ -535,19 +537,7 @@ if __name__ == "__main__":
     steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops if total_training_time > 0 else 0
     peak_vram_mb = get_peak_memory_mb(BACKEND)
 
-    print("---")
-    print(f"val_bpb:          {val_bpb:.6f}")
-    print(f"training_seconds: {total_training_time:.1f}")
-    print(f"total_seconds:    {t_end - t_start:.1f}")
-    print(f"peak_vram_mb:     {peak_vram_mb:.1f}")
-    print(f"mfu_percent:      {steady_state_mfu:.2f}")
-    print(f"total_tokens_M:   {total_tokens / 1e6:.1f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {num_params / 1e6:.1f}")
-    print(f"depth:            {DEPTH}")
-    print(f"backend:          {BACKEND}")
-    print(f"chip:             {HW['chip']}")
-    print(f"startup_seconds:  {t_end - t_start - total_training_time - eval_seconds:.1f}")
-    print(f"eval_seconds:     {eval_seconds:.1f}")
-    if SMOKE_TEST_WARNING:
-        print(f"warning:          {SMOKE_TEST_WARNING}")
+    # prints the summary block (program.md's contract) and appends this run's record to runs.jsonl
+    run.summary(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
+                peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=total_tokens / 1e6,
+                num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH, eval_seconds=eval_seconds)

@@ -174,6 +174,17 @@ def get_hardware_info(backend=None):
             pass  # torch or the driver went away: keep the host's figures
     return info
 
+def swap_used_mb():
+    """Swap in use on this machine, in MiB, or None where it cannot be read: `sysctl vm.swapusage` on macOS
+    ("total = 2048.00M  used = 1034.25M  free = ..."), SwapTotal - SwapFree in /proc/meminfo on Linux."""
+    if _platform() == "darwin":
+        m = re.search(r"used\s*=\s*([\d.]+)([KMG])", _sysctl("vm.swapusage"))
+        return float(m.group(1)) * {"K": 2**-10, "M": 1, "G": 2**10}[m.group(2)] if m else None
+    meminfo = _read_file("/proc/meminfo")
+    total = re.search(r"^SwapTotal:\s*(\d+)\s*kB", meminfo, re.MULTILINE)
+    free = re.search(r"^SwapFree:\s*(\d+)\s*kB", meminfo, re.MULTILINE)
+    return (int(total.group(1)) - int(free.group(1))) / 2**10 if total and free else None
+
 # ---------------------------------------------------------------------------
 # Optimizer constants (framework-neutral; used by muon_mps.py and muon_mlx.py)
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the install commands (as a dry run), the agent's git workflow and its grep lines
 tier table, the example outputs and the summary keys they show are compared with what the code produces."""
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ CI_RUN = os.path.join(ROOT, ".ci", "run")
 # command on the CPU); ".ci/run" means the command is a line of the CI script. Nothing else is accepted, except
 # the one command below that needs the internet.
 NOT_RUN = "not run: the uv installer downloads from astral.sh; .ci/run installs uv from PyPI instead"
+TIMEOUT_TEST = "tests/test_docs.py::test_timeout_stops_a_run_and_leaves_a_crash_record"
 COMMANDS = {
     # README.md
     "uv run train.py": ("tests/conftest.py::torch_run", "tests/conftest.py::mlx_run"),
@@ -49,20 +51,33 @@ COMMANDS = {
     "git checkout -b autoresearch/<tag>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
     "printf 'commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n' > results.tsv":
         ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
-    "uv run train_mlx.py > run.log 2>&1": ("tests/conftest.py::mlx_run",),
-    "uv run train.py > run.log 2>&1": ("tests/conftest.py::torch_run",),
-    "AUTORESEARCH_BACKEND=mps uv run train.py > run.log 2>&1":
-        ("tests/test_backends.py::test_requested_backend_that_works_is_returned", "tests/conftest.py::torch_run"),
+    "uv run train.py > run.log 2>&1": ("tests/conftest.py::torch_run",),  # the original's, in the Differences table
+    "uv run analysis.py": ("tests/test_analysis.py::test_report_text",),
+    "uv run analysis.py --json": ("tests/test_analysis.py::test_report_json",),
+    "uv run analysis.py --verdict": ("tests/test_analysis.py::test_verdict_prints_one_word_then_the_numbers",
+                                     "tests/test_docs.py::test_verdict_on_a_real_run"),
+    "uv run benchmarks/bench_verdict.py": ("tests/test_docs.py::test_bench_verdict_runs",),
+    # program.md: the run commands (timeout + trainer), each also run for real by a fixture without timeout
+    "timeout 900 uv run train_mlx.py > run.log 2>&1": (TIMEOUT_TEST, "tests/conftest.py::mlx_run"),
+    "timeout 900 uv run train.py > run.log 2>&1": (TIMEOUT_TEST, "tests/conftest.py::torch_run"),
+    "AUTORESEARCH_BACKEND=mps timeout 900 uv run train.py > run.log 2>&1":
+        (TIMEOUT_TEST, "tests/test_backends.py::test_requested_backend_that_works_is_returned", "tests/conftest.py::torch_run"),
+    "AUTORESEARCH_BACKEND=cuda timeout 900 uv run train.py > run.log 2>&1":
+        (TIMEOUT_TEST, "tests/test_backends.py::test_requested_backend_that_works_is_returned", "tests/conftest.py::torch_run"),
+    "AUTORESEARCH_BACKEND=cpu timeout 900 uv run train.py > run.log 2>&1": (TIMEOUT_TEST, "tests/conftest.py::torch_run"),
+    "git add <file>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
     'git commit -am "<description>"': ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
     'grep "^val_bpb:\\|^peak_vram_mb:" run.log': ("tests/test_docs.py::test_grep_lines_read_the_summary",),
     'grep "^backend:" run.log': ("tests/test_docs.py::test_grep_lines_read_the_summary",
                                  "tests/test_docs.py::test_backend_grep_after_the_mlx_hand_over"),
-    "tail -n 50 run.log": ("tests/test_docs.py::test_tail_shows_the_end_of_the_log",),
+    "tr '\\r' '\\n' < run.log | tail -n 60": ("tests/test_docs.py::test_the_end_of_the_log_without_the_progress_display",),
+    "tail -n 1 runs.jsonl": ("tests/test_docs.py::test_the_last_run_record",),
     "git rev-parse --short=7 HEAD": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
-    "git reset --hard HEAD~1": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    "git reset --hard <kept>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
 }
 COMMAND_WORDS = {"uv", "uvx", "git", "grep", "tail", "head", "cat", "ls", "python", "python3", "pip", "pip3", "curl",
-                 "wget", "brew", "printf", "echo", "kill", "pkill", "export", "cd", "rm", "mkdir", "timeout", "sh", "bash"}
+                 "wget", "brew", "printf", "echo", "kill", "pkill", "export", "cd", "rm", "mkdir", "timeout", "sh", "bash",
+                 "tr", "gtimeout"}
 ENV_PREFIX = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*")
 FENCE = re.compile(r"^[ \t]*```(\w*)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.MULTILINE | re.DOTALL)
 
@@ -196,7 +211,7 @@ def test_python_m_backends_prints_the_fields_the_readme_shows():
 
 def markdown_table(text, header_word):
     """Rows (lists of cells) of the first markdown table whose header row contains header_word."""
-    lines = text.splitlines()
+    lines = [line.strip() for line in text.splitlines()]  # a table may be indented under a list item
     start = next(i for i, line in enumerate(lines) if line.startswith("|") and header_word in line)
     rows = []
     for line in lines[start:]:
@@ -286,21 +301,24 @@ def test_example_summary_has_the_keys_a_real_run_prints(torch_run):
     returncode, _, log = torch_run
     assert returncode == 0, log[-3000:]
     real = [key for key, _ in printed_summary(log)]
-    assert real[-1] == "warning"  # the fixture uses the smoke-test knobs; a real run has no such line
+    warnings = real.index("warning")  # the fixture uses the smoke-test knobs; a real run need not warn at all
+    assert set(real[warnings:]) == {"warning"}
     example = example_summary()
-    assert [key for key, _ in example] == real[:-1]
-    # the README's explanation of the output covers the same keys, warning included
+    assert [key for key, _ in example] == real[:warnings]
+    # the README's explanation of the output covers the same keys, warning included (once: it may repeat)
     _, rows = markdown_table(section(read(README), "The output"), "meaning")
-    assert [row[0].strip("`") for row in rows] == ["---"] + real
+    assert [row[0].strip("`") for row in rows] == ["---"] + real[:warnings + 1]
 
 
 def test_results_example_matches_the_summary_example():
-    blocks = [body for lang, body in fenced_blocks(read(PROGRAM)) if body.startswith("commit\t")]
+    blocks = [body for lang, body in fenced_blocks(section(read(PROGRAM), "Logging results")) if body.startswith("commit\t")]
     header, example = blocks[0].strip(), blocks[1].strip().splitlines()
+    baseline_block = next(body for lang, body in fenced_blocks(read(PROGRAM)) if body.startswith("commit\t"))
+    assert baseline_block.strip().splitlines() == example[:4]  # the baseline section shows the same three runs
     assert example[0] == header == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
     for row in example[1:]:
         commit, val_bpb, memory_gb, status, description = row.split("\t")
-        assert re.fullmatch(r"[0-9a-f]{7}", commit) and status in ("keep", "discard", "crash") and description
+        assert re.fullmatch(r"[0-9a-f]{7}", commit) and status in ("keep", "discard", "crash", "rerun") and description
         assert re.fullmatch(r"\d\.\d{6}", val_bpb) and re.fullmatch(r"\d+\.\d", memory_gb)
     summary = dict(example_summary())
     baseline = example[1].split("\t")
@@ -321,29 +339,116 @@ def test_grep_lines_read_the_summary(torch_run):
         assert float(val_bpb.split()[1]) > 0 and float(peak.split()[1]) > 0
     (command,) = agent_commands('grep "^backend:')
     result = bash(command, folder)
-    assert result.stdout.splitlines() == ["backend:          cpu"]
+    first, last = result.stdout.splitlines()  # the log's first line and the summary's, the same key in both
+    assert first.startswith("backend: cpu | chip: ") and last == "backend:          cpu"
 
 
 def test_backend_grep_after_the_mlx_hand_over(mlx_run):
-    """`uv run train.py` handed over to train_mlx.py: the grep shows the hand-over note and the summary line."""
+    """`uv run train.py` handed over to train_mlx.py: the grep shows the hand-over note, train_mlx.py's first line
+    and the summary line."""
     returncode, log_path, log = mlx_run
     assert returncode == 0, log[-3000:]
     (command,) = agent_commands('grep "^backend:')
     lines = bash(command, os.path.dirname(log_path)).stdout.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("backend: mlx -> handing over to train_mlx.py")
-    assert lines[1] == "backend:          mlx"
+    assert lines[1].startswith("backend: mlx (")
+    assert lines[2] == "backend:          mlx"
 
 
-def test_tail_shows_the_end_of_the_log(torch_run):
+def test_the_end_of_the_log_without_the_progress_display(torch_run):
+    """The crash-reading command: the progress display's in-place updates become lines of their own, so the end of
+    the log is the last updates and whatever followed them, never one line of thousands of characters."""
+    _, log_path, log = torch_run
+    (command,) = agent_commands("tr ")
+    result = bash(command, os.path.dirname(log_path))
+    assert result.returncode == 0
+    converted = log.replace("\r", "\n")
+    lines = converted.removesuffix("\n").split("\n")  # the last line may lack its \n (a library's exit message)
+    assert result.stdout == "\n".join(lines[-60:]) + ("\n" if converted.endswith("\n") else "")
+    assert max(map(len, result.stdout.splitlines())) < 300
+
+
+def test_the_last_run_record(torch_run):
     _, log_path, _ = torch_run
     (command,) = agent_commands("tail ")
-    result = subprocess.run(["bash", "-c", command], cwd=os.path.dirname(log_path), capture_output=True, timeout=60)
-    assert result.returncode == 0
-    with open(log_path, "rb") as f:  # bytes: the progress display's \r must not count as line ends
-        data = f.read()
-    lines = data.removesuffix(b"\n").split(b"\n")  # the last line may lack its \n (a library's exit message)
-    assert result.stdout == b"\n".join(lines[-50:]) + (b"\n" if data.endswith(b"\n") else b"")
+    result = bash(command, os.path.dirname(log_path))
+    record = json.loads(result.stdout)
+    assert record["status"] == "ok" and record["trainer"] == "train.py"
+
+
+def test_verdict_on_a_real_run(torch_run):
+    """`uv run analysis.py --verdict` where the trainer ran: its first run is the baseline's first of three, or, from a
+    checkout with uncommitted changes, an error that says to commit first."""
+    _, log_path, _ = torch_run
+    folder = os.path.dirname(log_path)
+    with open(os.path.join(folder, "results.tsv"), "w") as f:
+        f.write("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    with open(os.path.join(folder, "runs.jsonl")) as f:
+        (record,) = map(json.loads, f)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "analysis.py"), "--verdict"], cwd=folder,
+                            capture_output=True, text=True, timeout=120)
+    if record["dirty"]:
+        assert result.returncode == 1 and "uncommitted changes" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == "rerun" and "baseline run 1 of 3" in result.stdout
+
+
+STUB_TRAINER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from backends.record import start_run
+run = start_run(__file__, "cpu", {{"chip": "stub"}})
+print("started", flush=True)
+time.sleep(120)
+"""
+
+
+def test_timeout_stops_a_run_and_leaves_a_crash_record(tmp_path):
+    """program.md's run commands, with a trainer that hangs: `timeout` stops it (through `uv run`, which passes the
+    signal on, where uv is installed), the log says so, and runs.jsonl records a crash."""
+    commands = [c for c in doc_commands(PROGRAM) if "timeout " in c]
+    pattern = r"(AUTORESEARCH_BACKEND=(mps|cuda|cpu) )?timeout 900 uv run (train|train_mlx)\.py > run\.log 2>&1"
+    assert len(commands) == 5 and all(re.fullmatch(pattern, c) for c in commands), commands
+    uv = os.environ.get("UV") or shutil.which("uv")
+    runner = f"{uv} run --no-sync --project {ROOT}" if uv else sys.executable
+    for script in sorted({c.split()[-4] for c in commands}):  # train.py, train_mlx.py
+        (tmp_path / script).write_text(STUB_TRAINER.format(root=ROOT))
+        command = ENV_PREFIX.sub("", next(c for c in commands if c.split()[-4] == script)).replace("uv run", runner)
+        for limit in (8, 16, 32, 48):  # a loaded machine may take longer than 8 s to import the stub's modules
+            result = bash(command.replace("timeout 900", f"timeout {limit}"), str(tmp_path))
+            assert result.returncode == 124, (command, result.stderr)
+            log = (tmp_path / "run.log").read_text().splitlines()
+            if log:
+                break
+        assert log[0] == "started" and re.fullmatch(r"terminated by SIGTERM after \d+ s", log[-1]), log
+        *_, record = map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())
+        assert record["trainer"] == script and record["status"] == "crash" and "SIGTERM" in record["error"]
+
+
+def test_bench_verdict_runs():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_verdict.py"), "200"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2 + 6  # two header lines, one line per true gain
+
+
+def test_program_md_works_on_every_backend():
+    """The agent on an NVIDIA machine or a CPU finds its row (file and command), and the cache where it really is."""
+    program = read(PROGRAM)
+    header, rows = markdown_table(section(program, "Setup"), "the run command")
+    assert header == ["backend", "when", "the file you edit", "the run command"]
+    assert {row[0].lower() for row in rows} == set(backends.BACKENDS) - {"auto"}
+    for name, _, trainer, command in rows:
+        trainer, command = trainer.strip("`"), command.strip("`")
+        assert command.split(" > ")[0].endswith(f"uv run {trainer}") and trainer == (
+            "train_mlx.py" if name == "MLX" else "train.py"), (name, command)
+        if name in ("CUDA", "CPU"):  # named outright: a missing GPU is an error, not a silent CPU run
+            assert command.startswith(f"AUTORESEARCH_BACKEND={name.lower()} "), command
+    data_step = next(line for line in program.splitlines() if "**Check the data**" in line)
+    assert "AUTORESEARCH_CACHE_DIR" in data_step and "~/.cache/autoresearch/" in data_step
+    assert "this Mac" not in program  # the machine may be an NVIDIA box or a CPU
 
 
 def test_run_log_ends_with_the_summary(torch_run):
@@ -356,10 +461,11 @@ def test_run_log_ends_with_the_summary(torch_run):
 
 def test_git_workflow_keeps_and_discards_commits(tmp_path):
     """The setup and loop commands of program.md, in a scratch repository with this project's .gitignore."""
-    names = {"tag": "docs-test", "description": "try a smaller batch"}
+    names = {"tag": "docs-test", "description": "try a smaller batch", "file": "helper.py"}
     fill = lambda command: re.sub(r"<(\w+)>", lambda m: names[m.group(1)], command)
     (checkout,) = agent_commands("git checkout")
     (header,) = agent_commands("printf ")
+    (add,) = agent_commands("git add")
     (commit,) = agent_commands("git commit")
     (short_hash,) = agent_commands("git rev-parse")
     (reset,) = agent_commands("git reset")
@@ -376,23 +482,32 @@ def test_git_workflow_keeps_and_discards_commits(tmp_path):
     git("add", ".")
     git("commit", "-q", "-m", "start")
     start = git("rev-parse", "HEAD")
+    names["kept"] = start[:7]  # the verdict's `next:` line names the last kept commit
 
     assert run(checkout).returncode == 0
     assert git("branch", "--show-current") == "autoresearch/docs-test"
     assert run(header).returncode == 0
     assert (tmp_path / "results.tsv").read_text() == "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 
-    (tmp_path / "train_mlx.py").write_text("DEPTH = 6\n")  # the experiment
+    (tmp_path / "train_mlx.py").write_text("from helper import DEPTH\n")  # the experiment, with a new file
+    (tmp_path / "helper.py").write_text("DEPTH = 6\n")
+    assert run(add).returncode == 0
     assert run(commit).returncode == 0
+    assert "helper.py" in git("ls-files") and git("status", "--porcelain") == ""
     experiment = git("rev-parse", "HEAD")
     assert experiment != start and git("log", "-1", "--format=%s") == names["description"]
     result = run(short_hash)
     assert result.stdout.strip() == experiment[:7]
 
-    (tmp_path / "run.log").write_text("val_bpb:          1.0\n")
-    assert run(reset).returncode == 0  # discard: back to where the experiment started
+    outputs = ("run.log", "runs.jsonl", "progress.png")
+    for name in outputs:
+        (tmp_path / name).write_text("a run's output\n")
+    assert git("status", "--porcelain") == ""  # the run's outputs do not make the tree dirty
+    assert run(reset).returncode == 0  # discard: back to the last kept commit
     assert git("rev-parse", "HEAD") == start and (tmp_path / "train_mlx.py").read_text() == "DEPTH = 8\n"
-    # results.tsv and run.log survive the reset and are never committed: .gitignore keeps them out
-    assert (tmp_path / "results.tsv").exists() and (tmp_path / "run.log").exists()
+    assert not (tmp_path / "helper.py").exists()
+    # results.tsv and the run's outputs survive the reset and are never committed: .gitignore keeps them out
+    assert all((tmp_path / name).exists() for name in ("results.tsv",) + outputs)
     assert git("status", "--porcelain") == ""
-    assert "results.tsv" not in git("ls-files") and "run.log" not in git("log", "--all", "--name-only", "--format=")
+    committed = git("log", "--all", "--name-only", "--format=")
+    assert not any(name in committed for name in ("results.tsv",) + outputs)

@@ -1,5 +1,6 @@
 """From download to summary: prepare.py against a local HTTP server (the prepared_cache fixture), then both
 trainers for a few seconds with the smoke-test knobs, read the way program.md tells the agent to read them."""
+import json
 import math
 import os
 import re
@@ -10,10 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+import backends
+from backends import record
 from conftest import ROOT, SMOKE_ENV, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "warning"]
+                "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness"]
+RECORD_KEYS = {"time", "commit", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip", "smoke", "status",
+               "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings", *SUMMARY_KEYS}
 
 
 def grep(pattern, path):
@@ -22,15 +27,22 @@ def grep(pattern, path):
 
 
 def summary(log_path):
-    """The block after the `---` line, as key -> value, in order: `key:` padded to 18 columns, then the value.
-    It ends at the first other line (on Linux, triton's bindings print leak reports as the interpreter exits)."""
-    values = {}
+    """The block after the `---` line, as (key, value) pairs in order: `key:` padded to 18 columns, then the value;
+    `warning` may come more than once. It ends at the first other line (on Linux, triton's bindings print leak
+    reports as the interpreter exits)."""
+    pairs = []
     for line in open(log_path).read().split("\n---\n")[-1].splitlines():
         m = re.match(r"([a-zA-Z_]+:) +(\S.*)$", line)
         if not m or line.index(m.group(2)) != 18:
             break
-        values[m.group(1)[:-1]] = m.group(2)
-    return values
+        pairs.append((m.group(1)[:-1], m.group(2)))
+    return pairs
+
+
+def run_records(log_path):
+    """The runs.jsonl records a trainer wrote in the folder it ran in."""
+    with open(os.path.join(os.path.dirname(log_path), "runs.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +64,12 @@ def untrained_bpb(prepared_cache):
 
 
 def check_summary(log_path, backend, untrained):
-    values = summary(log_path)
-    assert list(values) == SUMMARY_KEYS, values  # the original's keys in its order, then ours
+    pairs = summary(log_path)
+    keys = [key for key, _ in pairs]
+    # the original's keys in its order, then ours, then the warnings
+    assert keys[:len(SUMMARY_KEYS)] == SUMMARY_KEYS and set(keys[len(SUMMARY_KEYS):]) == {"warning"}, keys
+    values = dict(pairs[:len(SUMMARY_KEYS)])
+    warnings = [value for key, value in pairs if key == "warning"]
     assert grep("^---$", log_path).strip() == "---"
     val_bpb = float(grep("^val_bpb:", log_path).split()[1])
     assert math.isfinite(val_bpb) and 0 < val_bpb < untrained, (val_bpb, untrained)
@@ -61,15 +77,31 @@ def check_summary(log_path, backend, untrained):
     assert float(values["training_seconds"]) >= float(SMOKE_ENV["AUTORESEARCH_TIME_BUDGET"])
     assert float(values["peak_vram_mb"]) > 0
     assert values["backend"] == backend
-    assert "not comparable" in values["warning"]  # the smoke-test knobs never pass for a real result
+    assert any(w.startswith("smoke test") and "not comparable" in w for w in warnings)  # never a real result
+    assert values["harness"] == record.harness_fingerprint()
     for key in ("total_seconds", "startup_seconds", "eval_seconds", "mfu_percent", "total_tokens_M", "num_params_M"):
         assert float(values[key]) >= 0, key
+    # every step trains on TOTAL_BATCH_SIZE tokens (the CPU tier's 2048 here): a short run must not print 0.0
+    total_batch_size = backends.TIER_DEFAULTS["cpu"][2]
+    assert float(values["total_tokens_M"]) == pytest.approx(int(values["num_steps"]) * total_batch_size / 1e6, abs=5e-4)
+
+    # the run's record: one line in runs.jsonl, complete, holding what the summary printed
+    (rec,) = run_records(log_path)
+    assert RECORD_KEYS <= set(rec), RECORD_KEYS - set(rec)
+    assert rec["status"] == "ok" and rec["backend"] == backend and rec["warnings"] == warnings
+    for key, value in values.items():
+        assert rec[key] == (value if isinstance(rec[key], str) else float(value)), key
+    assert rec["trainer"] == ("train_mlx.py" if backend == "mlx" else "train.py")
+    assert rec["trainer_sha"] == record.fingerprint([rec["trainer"]], ROOT)
+    assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()]
+    assert rec["tokens_per_sec"] > 0 and rec["swapped"] is (rec["swap_mb"] is not None and rec["swap_mb"] >= record.SWAP_WARN_MB)
 
 
 def test_train_py_on_cpu_end_to_end(torch_run, untrained_bpb):
     returncode, log_path, log = torch_run
     assert returncode == 0, log[-3000:]
     check_summary(log_path, "cpu", untrained_bpb)
+    assert log.startswith("backend: cpu | chip: ")  # the summary's key, spelled the same way
     assert re.search(r"\rstep 00011 \(\d+\.\d%\) \| loss: [\d.]+ \| lrm: [\d.]+ \| dt: \d+ms \| tok/sec: [\d,]+ \| "
                      r"mfu: [\d.]+% \| epoch: \d+ \| remaining: \d+s", log)
 
@@ -78,6 +110,7 @@ def test_train_py_hands_over_to_train_mlx_end_to_end(mlx_run, untrained_bpb):
     returncode, log_path, log = mlx_run
     assert returncode == 0, log[-3000:]
     assert log.startswith("backend: mlx -> handing over to train_mlx.py")
+    assert log.splitlines()[1].startswith("backend: mlx (")  # train_mlx.py's own first line
     check_summary(log_path, "mlx", untrained_bpb)
 
 
@@ -100,8 +133,12 @@ def test_nan_loss_prints_fail_and_exits_1(prepared_cache, tmp_path, script, edit
     path = edited_copy(tmp_path, script, ("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float('nan')"), *edits)
     returncode, _, log = run_script(path, str(tmp_path), env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"})
     assert returncode == 1, log[-3000:]
-    assert "FAIL" in log.splitlines()
+    fail_lines = [line for line in log.splitlines() if line.startswith("FAIL")]
+    assert len(fail_lines) == 1 and re.fullmatch(r"FAIL: loss nan at step \d+", fail_lines[0]), log[-3000:]
     assert "val_bpb" not in log
+    (rec,) = run_records(os.path.join(tmp_path, "run.log"))
+    assert rec["status"] == "fail" and rec["error"] == fail_lines[0].removeprefix("FAIL: ")
+    assert rec["trainer"] == script and rec["step"] == int(fail_lines[0].split()[-1])
 
 
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])

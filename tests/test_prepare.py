@@ -730,6 +730,34 @@ def test_bpb_splits_batches_to_bound_logit_memory(tokenizer, torch_model, monkey
     assert bpb == pytest.approx(expected_bpb(tokenizer, 20), rel=1e-12)
 
 
+def document_starts_per_row(tokenizer, num_rows):
+    """How many documents begin in each of the first num_rows validation rows (each document starts with BOS)."""
+    loader = prepare.make_dataloader(tokenizer, 1, prepare.MAX_SEQ_LEN, "val")
+    bos = tokenizer.get_bos_token_id()
+    counts = []
+    for _ in range(num_rows):
+        x, y, _ = next(loader)
+        counts.append(int((x == bos).sum() + (y[0, -1] == bos)))
+    return counts
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_bpb_notes_when_the_evaluation_repeats_validation_text(tokenizer, torch_model, monkeypatch, batch_size):
+    """A validation shard smaller than EVAL_TOKENS is read more than once; the summary warns from what this notes:
+    the rows filled before the shard's documents ran out (a row past them begins more documents than it has)."""
+    val = pq.ParquetFile(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME)).metadata.num_rows
+    starts = np.cumsum(document_starts_per_row(tokenizer, 200))
+    assert starts[-1] > val  # the small test shard runs out well before 200 rows
+    distinct = int(np.argmax(starts > val))  # rows 0..distinct-1 use each document at most once
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 200 * prepare.MAX_SEQ_LEN)
+    prepare.evaluate_bpb(torch_model, tokenizer, batch_size)
+    assert prepare.last_evaluation == {"rows": 200, "distinct_rows": distinct}
+    assert 10 < distinct < 200
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 3 * prepare.MAX_SEQ_LEN)  # well inside the shard
+    prepare.evaluate_bpb(torch_model, tokenizer, batch_size)
+    assert prepare.last_evaluation == {"rows": 3, "distinct_rows": 3}
+
+
 def test_bpb_for_an_mlx_model_matches_torch(tokenizer, torch_model, monkeypatch):
     mx = pytest.importorskip("mlx.core")
     nn = pytest.importorskip("mlx.nn")

@@ -1,0 +1,312 @@
+"""analysis.py: the report, progress.png and the verdict, on results.tsv and runs.jsonl files built here. The rule
+under test is the one in analysis.py's docstring and program.md. Outside a git repository (tmp_path) HEAD is the
+commit of the latest run, so the files alone set up each case; one test uses a real repository."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import analysis
+from conftest import ROOT
+
+ANALYSIS = os.path.join(ROOT, "analysis.py")
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+BASE, IDEA, OTHER = "aaaaaaa", "bbbbbbb", "ccccccc"
+BASELINE = [1.000, 1.010, 0.990]  # sigma 0.01 from dof 2: t 4.303, bar vs one run 4.303 * 0.01 * sqrt(4/3) = 0.0497
+
+
+def rec(commit, val_bpb=None, status="ok", harness="11111111", smoke=(), dirty=False, swap_mb=0.0, trainer_sha=None,
+        **extra):
+    """A runs.jsonl record as backends/record.py writes it (the fields analysis.py reads)."""
+    record = {"time": "2025-11-25T23:00:00+01:00", "commit": commit, "dirty": dirty, "trainer": "train_mlx.py",
+              "trainer_sha": trainer_sha or commit[:8], "harness": harness, "backend": "mlx", "chip": "Apple M3 Max",
+              "smoke": list(smoke), "status": status, "swap_mb": swap_mb, "swapped": swap_mb >= 64, **extra}
+    if status == "ok":
+        record["val_bpb"] = val_bpb
+    return record
+
+
+def row(commit, val_bpb, status, description="idea"):
+    return f"{commit}\t{val_bpb:.6f}\t{0.0 if status == 'crash' else 11.0}\t{status}\t{description}\n"
+
+
+def write(folder, rows=(), records=None, header=HEADER):
+    (folder / "results.tsv").write_text(header + "".join(rows))
+    if records is not None:
+        (folder / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def cli(folder, *args):
+    result = subprocess.run([sys.executable, ANALYSIS, *args], cwd=folder, capture_output=True, text=True,
+                            timeout=120)
+    return result.returncode, result.stdout, result.stderr
+
+
+def baseline_session():
+    """The setup of program.md: the baseline run three times (rerun, rerun, keep)."""
+    rows = [row(BASE, v, s, "baseline") for v, s in zip(BASELINE, ("rerun", "rerun", "keep"))]
+    return rows, [rec(BASE, v) for v in BASELINE]
+
+
+def verdict(rows, records, head=None):
+    """analysis.verdict on rows given as results.tsv lines and records as dicts."""
+    parsed = [dict(zip(("commit", "val_bpb", "memory_gb", "status", "description"), r.rstrip("\n").split("\t")),
+                   line=i + 2) for i, r in enumerate(rows)]
+    for r in parsed:
+        r["val_bpb"] = float(r["val_bpb"])
+    numbered = [{**r, "line": i + 1} for i, r in enumerate(records)]
+    return analysis.verdict(parsed, numbered, head or records[-1]["commit"])
+
+# ---------------------------------------------------------------------------
+# The verdict
+# ---------------------------------------------------------------------------
+
+def test_the_baseline_runs_three_times_before_it_is_kept():
+    assert verdict([], [rec(BASE, 1.0)])[0] == "rerun"
+    word, lines = verdict([row(BASE, 1.0, "rerun")], [rec(BASE, 1.0), rec(BASE, 1.01)])
+    assert word == "rerun" and "baseline run 2 of 3" in lines[-1]
+    rows, records = baseline_session()
+    word, lines = verdict(rows[:2], records)
+    assert word == "keep"
+    assert lines[0] == "baseline aaaaaaa: val_bpb 1.000000 (mean of 3 runs: 1.000000 1.010000 0.990000)"
+    assert lines[1].startswith("sigma 0.010000 (dof 2)")
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0.900, "keep"),     # gain 0.1 > bar 0.0497
+    (0.980, "rerun"),    # gain 0.02: inside the noise
+    (1.000, "discard"),  # no gain
+    (1.020, "discard"),  # worse
+])
+def test_one_run_of_an_idea_against_the_baseline(value, expected):
+    rows, records = baseline_session()
+    word, lines = verdict(rows, records + [rec(IDEA, value)])
+    assert word == expected, lines
+    assert lines[0] == f"HEAD {IDEA}: val_bpb {value:.6f} (mean of 1 run: {value:.6f})"
+    assert lines[1].startswith(f"last kept {BASE}: val_bpb 1.000000 (mean of 3 runs")
+    # the bar is printed for a worse run too: program.md lets a change that only deletes code stay within it
+    assert lines[2] == (f"gain {1 - value:.6f} {'>' if expected == 'keep' else '<='} bar 0.049687 = "
+                        f"max(t 4.303 x sigma x sqrt(1/3 + 1/1), 0.001)")
+
+
+def test_a_gain_inside_the_noise_is_rerun_and_settled_by_the_reruns():
+    rows, records = baseline_session()
+    assert verdict(rows, records + [rec(IDEA, 0.960)])[0] == "rerun"  # gain 0.04 <= bar 0.0497
+    # the rerun holds, and the idea's own pair adds to sigma: 0.009129 at dof 3, t 3.182
+    word, lines = verdict(rows + [row(IDEA, 0.960, "rerun")], records + [rec(IDEA, 0.960), rec(IDEA, 0.950)])
+    assert word == "keep", lines  # gain 0.045 > 3.182 * 0.009129 * sqrt(1/3 + 1/2) = 0.0265
+    # ...or the reruns do not hold, and after three runs the idea is dropped (gain 0.01 <= bar 0.0227)
+    word, lines = verdict(rows + [row(IDEA, 0.980, "rerun"), row(IDEA, 0.990, "rerun")],
+                          records + [rec(IDEA, 0.980), rec(IDEA, 0.990), rec(IDEA, 1.000)])
+    assert word == "discard" and lines[-1] == f"next: log it with status discard, then `git reset --hard {BASE}`"
+
+
+def test_without_repeated_runs_there_is_no_sigma_and_the_idea_is_rerun():
+    rows = [row(BASE, 1.0, "keep", "baseline")]
+    word, lines = verdict(rows, [rec(BASE, 1.0), rec(IDEA, 0.95)])
+    assert word == "rerun" and any(line.startswith("sigma unknown") for line in lines)
+    assert verdict(rows, [rec(BASE, 1.0), rec(IDEA, 1.05)])[0] == "discard"  # worse needs no sigma
+
+
+def test_the_idea_is_compared_with_the_last_kept_commit():
+    rows, records = baseline_session()
+    rows += [row(IDEA, 0.900, "keep"), row(OTHER, 0.950, "discard")]
+    records += [rec(IDEA, 0.900), rec(OTHER, 0.950)]
+    word, lines = verdict(rows, records + [rec("ddddddd", 0.920)])
+    assert word == "discard" and lines[1].startswith(f"last kept {IDEA}: val_bpb 0.900000")
+
+
+def test_sigma_pools_identical_code_across_commits_and_leaves_out_other_setups():
+    rows, records = baseline_session()
+    same_code = [rec(OTHER, 0.95, trainer_sha="feedfeed"), rec("ddddddd", 0.97, trainer_sha="feedfeed")]
+    smoke = [rec(OTHER, 0.5, smoke=["AUTORESEARCH_TIME_BUDGET=5"]), rec(OTHER, 2.5, smoke=["AUTORESEARCH_TIME_BUDGET=5"])]
+    word, lines = verdict(rows, records + same_code + smoke + [rec(IDEA, 0.98)])
+    assert "sigma 0.011547 (dof 3)" in lines[-2] and "5 runs of identical code in 2 group(s)" in lines[-2]
+
+
+def test_a_harness_change_is_never_compared(tmp_path):
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(IDEA, 0.5, harness="22222222")])
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 1 and out == ""
+    (line,) = err.splitlines()
+    assert line.startswith("error: runs.jsonl:4: not comparable: HEAD bbbbbbb ran with harness 22222222")
+    assert f"git checkout {BASE} -- prepare.py backends pyproject.toml uv.lock" in line
+
+
+@pytest.mark.parametrize("last,expected", [
+    (rec(IDEA, status="crash", error="RuntimeError: out of memory"), "ended with status crash: RuntimeError: out of memory"),
+    (rec(IDEA, status="fail", error="loss nan at step 37"), "ended with status fail: loss nan at step 37"),
+    (rec(IDEA, 0.5, swap_mb=2048.0), "swapped 2048 MB during training"),
+])
+def test_a_crashed_failed_or_swapped_run_is_discarded(last, expected):
+    rows, records = baseline_session()
+    word, lines = verdict(rows, records + [rec(IDEA, 0.5), last])  # an earlier good run does not save it
+    assert word == "discard" and expected in lines[0]
+
+
+def test_a_run_with_uncommitted_changes_must_be_committed_first(tmp_path):
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(BASE, 0.5, dirty=True, uncommitted=[" M train_mlx.py", "?? helper.py"])])
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 1
+    assert err.strip() == ("error: runs.jsonl:4: HEAD aaaaaaa's latest run had uncommitted changes (M train_mlx.py, "
+                           "?? helper.py): commit them (`git add` any new file first), then run again")
+
+
+def test_verdict_prints_one_word_then_the_numbers(tmp_path):
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(IDEA, 0.9)])
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "keep" and lines[-1] == "next: log it with status keep; the branch advances to HEAD"
+
+
+def test_verdict_on_the_first_run_needs_only_the_header(tmp_path):
+    write(tmp_path, [], [rec(BASE, 1.0)])
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    assert out.splitlines()[0] == "rerun"
+
+
+def test_verdict_reads_head_from_git(tmp_path):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a",
+           "GIT_COMMITTER_EMAIL": "a@b"}
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip()
+    git("init", "-q")
+    git("commit", "-q", "--allow-empty", "-m", "baseline")
+    head = git("rev-parse", "--short=7", "HEAD")
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(IDEA, 0.9)])  # the latest run is of another commit than HEAD
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 1 and err.strip() == (f"error: runs.jsonl: no run of HEAD {head} yet: run it first (a "
+                                               f"trainer records every run in the folder it runs in)")
+
+# ---------------------------------------------------------------------------
+# The report and progress.png
+# ---------------------------------------------------------------------------
+
+def night():
+    """A small night: baseline x3, a kept idea (rerun once), a discarded one, a crash, a kept one, a swapped run and
+    a run after someone edited prepare.py."""
+    rows, records = baseline_session()
+    rows += [row(IDEA, 0.950, "rerun", "MATRIX_LR 0.06"), row(IDEA, 0.940, "keep", "MATRIX_LR 0.06"),
+             row("ccccccc", 0.960, "discard", "DEPTH 10"), row("ddddddd", 0.0, "crash", "DEPTH 16, OOM"),
+             row("eeeeeee", 0.925, "keep", "TOTAL_BATCH_SIZE 2**15"), row("fffffff", 0.890, "discard", "swapped"),
+             row("1234567", 0.700, "discard", "edited prepare.py")]
+    records += [rec(IDEA, 0.950), rec(IDEA, 0.940), rec("ccccccc", 0.960),
+                rec("ddddddd", status="crash", error="RuntimeError: out of memory"), rec("eeeeeee", 0.925),
+                rec("fffffff", 0.890, swap_mb=812.0), rec("1234567", 0.700, harness="99999999")]
+    return rows, records
+
+
+def test_report_json(tmp_path):
+    write(tmp_path, *night())
+    returncode, out, err = cli(tmp_path, "--json")
+    assert returncode == 0, err
+    report = json.loads(out)
+    assert report["baseline"] == {"commit": BASE, "val_bpb": pytest.approx(1.0), "runs": 3, "description": "baseline"}
+    assert report["best"]["commit"] == "eeeeeee" and report["best"]["val_bpb"] == pytest.approx(0.925)
+    assert report["gain"] == pytest.approx(0.075)
+    assert (report["experiments"], report["kept"], report["discarded"], report["crashed"]) == (6, 2, 3, 1)
+    assert report["keep_rate"] == pytest.approx(2 / 6) and report["reruns"] == 3
+    # sigma: the baseline's three runs and the idea's two, as dof 2 + 1 (the swapped and other-harness runs never count)
+    assert report["noise"]["sigma"] == pytest.approx(((0.0002 + 0.00005) / 3) ** 0.5) and report["noise"]["dof"] == 3
+    steps = report["kept_steps"]
+    assert [s["commit"] for s in steps] == [BASE, IDEA, "eeeeeee"]
+    assert steps[1]["delta"] == pytest.approx(0.055) and steps[1]["cleared"] is True
+    # kept inside the noise: 0.02 <= 3.182 * 0.009129 * sqrt(1/2 + 1/1) = 0.0356
+    assert steps[2]["delta"] == pytest.approx(0.02) and steps[2]["cleared"] is False
+    (changed,) = report["not_comparable"]
+    assert changed["commit"] == "1234567" and changed["differs"] == ["harness"] and changed["runs_line"] == 10
+    assert [f["commit"] for f in report["swapped"]] == ["fffffff"]
+    assert os.path.getsize(tmp_path / "progress.png") > 10000
+    with open(tmp_path / "progress.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_text(tmp_path):
+    write(tmp_path, *night())
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "baseline   1.000000  aaaaaaa  (3 runs)" in out
+    assert "best       0.925000  eeeeeee  (1 run)  TOTAL_BATCH_SIZE 2**15" in out
+    assert "gain       0.075000  (7.5% below the baseline)" in out
+    assert "keep rate  2 of 6 experiments kept (33%); 3 discarded, 1 crashed, 0 undecided; 3 reruns" in out
+    assert "NOT COMPARABLE WITH THE BASELINE: 1 run(s)" in out and "runs.jsonl:10  1234567  harness differ" in out
+    assert "SWAPPED: 1 run(s)" in out and "runs.jsonl:9  fffffff  812 MB" in out
+    kept = out.split("kept commits")[1].splitlines()
+    assert any(line.split()[:2] == [IDEA, "0.945000"] and " yes " in line for line in kept)
+    assert any(line.split()[:2] == ["eeeeeee", "0.925000"] and " NO " in line for line in kept)
+    assert out.rstrip().endswith("wrote progress.png") and (tmp_path / "progress.png").exists()
+
+
+def test_report_without_run_records_measures_noise_from_repeated_rows(tmp_path):
+    rows, _ = night()
+    write(tmp_path, rows)
+    returncode, out, err = cli(tmp_path, "--json")
+    assert returncode == 0, err
+    report = json.loads(out)
+    assert report["runs_file"] is None and report["not_comparable"] == [] and report["noise"]["dof"] == 3
+
+
+def test_smoke_knobs_are_named_in_the_report(tmp_path):
+    rows, records = baseline_session()
+    write(tmp_path, rows, [{**r, "smoke": ["AUTORESEARCH_TIME_BUDGET=20"]} for r in records])
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "smoke-test knobs set in 3 of 3 runs (AUTORESEARCH_TIME_BUDGET=20): val_bpb is not comparable" in out
+
+# ---------------------------------------------------------------------------
+# Bad input: one line naming the file and the line, exit status 1
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("results,runs,args,message", [
+    (None, None, (), "error: results.tsv: no such file"),
+    (HEADER, None, (), "error: results.tsv: only the header, no runs to report yet"),
+    ("", None, (), "error: results.tsv:1: the header must be"),
+    ("commit,val_bpb,memory_gb,status,description\naaaaaaa,1.0,1.0,keep,baseline\n", None, (),
+     "error: results.tsv:1: comma-separated"),
+    (HEADER + "aaaaaaa\t1.000000\t11.0\tkeep\n", None, (), "error: results.tsv:2: 4 tab-separated fields, expected 5"),
+    (HEADER + "aaaaaaa,1.0,11.0,keep,baseline\n", None, (), "error: results.tsv:2: 1 tab-separated fields, expected 5: "
+     "comma-separated?"),
+    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\naaaaaaa\tabc\t11.0\tkeep\tx\n", None, (),
+     "error: results.tsv:3: val_bpb 'abc' is not a number"),
+    (HEADER + "aaaaaaa\t1.0\t11.0\tkept\tx\n", None, (), "error: results.tsv:2: status 'kept' is not one of"),
+    (HEADER + "HEAD\t1.0\t11.0\tkeep\tx\n", None, (), "error: results.tsv:2: commit 'HEAD' is not a short git hash"),
+    (HEADER + "aaaaaaa\t0.000000\t0.0\tkeep\tx\n", None, (), "error: results.tsv:2: val_bpb 0 with status keep"),
+    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", "{\"commit\": \"aaaaaaa\"\n", (), "error: runs.jsonl:1: not a JSON object"),
+    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", "\n[1, 2]\n", (), "error: runs.jsonl:2: not a JSON object"),
+    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", '{"commit": "aaaaaaa", "status": "ok"}\n', (),
+     "error: runs.jsonl:1: no time, dirty, trainer, trainer_sha, harness, backend, chip, smoke field"),
+    (HEADER, None, ("--verdict",), "error: runs.jsonl: no such file"),
+])
+def test_bad_input_is_one_line_and_exit_status_1(tmp_path, results, runs, args, message):
+    if results is not None:
+        (tmp_path / "results.tsv").write_text(results)
+    if runs is not None:
+        (tmp_path / "runs.jsonl").write_text(runs)
+    returncode, out, err = cli(tmp_path, *args)
+    assert returncode == 1 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+    assert not (tmp_path / "progress.png").exists()
+
+
+def test_a_crash_row_is_data_not_an_error(tmp_path):
+    write(tmp_path, [row(BASE, 1.0, "keep", "baseline"), row(IDEA, 0.0, "crash", "DEPTH 64")])
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "keep rate  0 of 1 experiments kept (0%); 0 discarded, 1 crashed" in out
+
+
+def test_the_baseline_is_the_first_commit_with_a_result(tmp_path):
+    write(tmp_path, [row(BASE, 0.0, "crash", "baseline"), row(IDEA, 1.0, "keep", "baseline, fixed"),
+                     row(OTHER, 0.9, "discard", "idea")])
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "baseline   1.000000  bbbbbbb  (1 run)" in out  # the crashed first commit is no baseline
+    assert "keep rate  0 of 1 experiments kept" in out and (tmp_path / "progress.png").exists()

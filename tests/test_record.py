@@ -1,0 +1,273 @@
+"""backends/record.py: the summary block both trainers print and the record of every run in runs.jsonl, the swap
+watchdog (readings injected through backends' probes), the harness fingerprint, and the record a run leaves when it
+fails, crashes or is killed. The trainers' own runs are checked in test_e2e.py."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import backends
+import prepare
+from backends import record
+from conftest import ROOT
+
+HW = {"chip": "Test Chip"}
+SWAP_USED_MB = backends.swap_used_mb
+VALUES = dict(val_bpb=1.2345678, training_seconds=300.04, total_seconds=400.26, peak_vram_mb=1234.56,
+              mfu_percent=12.345, total_tokens_M=0.04096, num_steps=20, num_params_M=3.456, depth=2,
+              eval_seconds=30.11)
+ORIGINAL_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                 "num_steps", "num_params_M", "depth"]  # the original's summary, in its order, after `---`
+KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness"]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder with no smoke knobs, no swap readings and no evaluation notes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
+    monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
+    monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 2560})
+    monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
+    return tmp_path
+
+
+def summary_lines(out):
+    block = out.split("---\n", 1)[1].splitlines()
+    assert all(len(line) > 18 and line[17] == " " and line[18] != " " for line in block), block  # values at column 18
+    return [(line.split(":", 1)[0], line[18:]) for line in block]
+
+
+def runs(folder):
+    with open(os.path.join(folder, "runs.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_summary_prints_the_originals_lines_first_then_ours(in_tmp, capsys):
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**VALUES)
+    lines = summary_lines(capsys.readouterr().out)
+    assert [key for key, _ in lines] == KEYS
+    assert dict(lines) == {
+        "val_bpb": "1.234568", "training_seconds": "300.0", "total_seconds": "400.3", "peak_vram_mb": "1234.6",
+        "mfu_percent": "12.35", "total_tokens_M": "0.041", "num_steps": "20", "num_params_M": "3.5", "depth": "2",
+        "backend": "cpu", "chip": "Test Chip", "startup_seconds": "70.1", "eval_seconds": "30.1",
+        "harness": record.harness_fingerprint(),
+    }
+
+
+def test_total_tokens_m_shows_a_short_run(in_tmp, capsys):
+    """A CPU or smoke run trains on tens of thousands of tokens: the original's .1f printed them as 0.0."""
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**{**VALUES, "total_tokens_M": 11 * 2048 / 1e6})
+    assert dict(summary_lines(capsys.readouterr().out))["total_tokens_M"] == "0.023"
+
+
+def test_the_record_holds_what_the_summary_printed(in_tmp, capsys):
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
+    run.mark_training_end()
+    run.summary(**VALUES)
+    printed = dict(summary_lines(capsys.readouterr().out))
+    (rec,) = runs(in_tmp)
+    assert rec["status"] == "ok"
+    for key in KEYS:
+        assert rec[key] == (printed[key] if isinstance(rec[key], str) else float(printed[key])), key
+    assert rec["trainer"] == "train.py" and rec["trainer_sha"] == record.fingerprint(["train.py"], ROOT)
+    assert re.fullmatch(r"[0-9a-f]{8}", rec["trainer_sha"]) and re.fullmatch(r"[0-9a-f]{8}", rec["harness"])
+    assert rec["smoke"] == [] and rec["warnings"] == [] and rec["swap_mb"] is None and rec["swapped"] is False
+    assert rec["eval_rows"] == rec["eval_distinct_rows"] == 2560
+    assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - 11) / 300.0)  # steps 0-10 are not timed
+    assert rec["time"][:4].isdigit() and rec["total_seconds"] == 400.3
+    assert set(rec) >= {"commit", "dirty", "backend", "chip"}
+
+
+def test_smoke_knobs_and_evaluation_repeats_are_warnings(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "SMOKE_KNOBS", ["AUTORESEARCH_TIME_BUDGET=5"])
+    monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", "smoke test (AUTORESEARCH_TIME_BUDGET=5): val_bpb is not comparable")
+    monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 1488})
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**VALUES)
+    lines = summary_lines(capsys.readouterr().out)
+    assert [key for key, _ in lines] == KEYS + ["warning", "warning"]
+    smoke, repeats = (value for key, value in lines if key == "warning")
+    assert smoke.startswith("smoke test")
+    assert "2560 rows" in repeats and "1488" in repeats and "validation" in repeats
+    (rec,) = runs(in_tmp)
+    assert rec["smoke"] == ["AUTORESEARCH_TIME_BUDGET=5"] and rec["warnings"] == [smoke, repeats]
+    assert (rec["eval_rows"], rec["eval_distinct_rows"]) == (2560, 1488)
+
+# ---------------------------------------------------------------------------
+# Swap watchdog
+# ---------------------------------------------------------------------------
+
+def meminfo(total_kb, free_kb):
+    return f"MemTotal:       16318256 kB\nSwapCached:            0 kB\nSwapTotal: {total_kb} kB\nSwapFree: {free_kb} kB\n"
+
+
+def fake_swap(monkeypatch, platform, readings):
+    """Replace backends' probes so that successive swap readings return `readings` (MiB used)."""
+    readings = iter(readings)
+    monkeypatch.setattr(backends, "_platform", lambda: platform)
+    if platform == "darwin":
+        monkeypatch.setattr(backends, "_run", lambda *args: f"total = 4096.00M  used = {next(readings):.2f}M  "
+                                                            f"free = 1.00M  (encrypted)\n")
+    else:
+        monkeypatch.setattr(backends, "_read_file", lambda path: meminfo(8 * 2**20, 8 * 2**20 - round(next(readings) * 1024)))
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux"])
+def test_swap_used_mb_reads_the_platform_probe(monkeypatch, platform):
+    fake_swap(monkeypatch, platform, [1034.25])
+    assert backends.swap_used_mb() == pytest.approx(1034.25)
+
+
+def test_swap_used_mb_in_gigabytes_and_when_unreadable(monkeypatch):
+    monkeypatch.setattr(backends, "_platform", lambda: "darwin")
+    monkeypatch.setattr(backends, "_run", lambda *args: "total = 2.00G  used = 1.50G  free = 0.50G\n")
+    assert backends.swap_used_mb() == 1536
+    monkeypatch.setattr(backends, "_run", lambda *args: "")
+    assert backends.swap_used_mb() is None
+    monkeypatch.setattr(backends, "_platform", lambda: "linux")
+    monkeypatch.setattr(backends, "_read_file", lambda path: "")
+    assert backends.swap_used_mb() is None
+
+
+@pytest.mark.parametrize("platform", ["darwin", "linux"])
+def test_swap_growth_during_training_is_a_warning_and_flags_the_record(in_tmp, monkeypatch, capsys, platform):
+    monkeypatch.setattr(backends, "swap_used_mb", SWAP_USED_MB)  # the real reader, of the fake probes below
+    fake_swap(monkeypatch, platform, [512.0, 1536.0])
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
+    run.mark_training_end()
+    run.summary(**VALUES)
+    lines = summary_lines(capsys.readouterr().out)
+    assert lines[-1] == ("warning", "swapped 1024 MB during training: val_bpb is not comparable")
+    (rec,) = runs(in_tmp)
+    assert rec["swap_mb"] == 1024.0 and rec["swapped"] is True
+
+
+def test_a_few_mb_of_swap_is_recorded_but_not_a_warning(in_tmp, monkeypatch, capsys):
+    readings = iter([100.0, 100.0 + record.SWAP_WARN_MB - 1])
+    monkeypatch.setattr(backends, "swap_used_mb", lambda: next(readings))
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
+    run.mark_training_end()
+    run.summary(**VALUES)
+    assert "warning" not in [key for key, _ in summary_lines(capsys.readouterr().out)]
+    (rec,) = runs(in_tmp)
+    assert rec["swap_mb"] == record.SWAP_WARN_MB - 1 and rec["swapped"] is False
+
+# ---------------------------------------------------------------------------
+# Harness fingerprint
+# ---------------------------------------------------------------------------
+
+PRINT_SUMMARY = """
+from backends.record import Run
+Run("train.py", "cpu", {"chip": "x"}).summary(val_bpb=1.0, training_seconds=1.0, total_seconds=3.0,
+    peak_vram_mb=1.0, mfu_percent=1.0, total_tokens_M=1.0, num_steps=12, num_params_M=1.0, depth=1, eval_seconds=1.0)
+"""
+
+
+def harness_line(root):
+    result = subprocess.run([sys.executable, "-c", PRINT_SUMMARY], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": root}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (line,) = [l for l in result.stdout.splitlines() if l.startswith("harness:")]
+    return line
+
+
+def test_editing_a_fixed_file_changes_the_harness_line(tmp_path):
+    scratch = tmp_path / "repo"
+    scratch.mkdir()
+    for name in record.FIXED_FILES + ("train.py",):
+        copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy2
+        copy(os.path.join(ROOT, name), scratch / name)
+    first = harness_line(str(scratch))
+    assert first == f"harness:          {record.harness_fingerprint()}"  # the copy is the same harness
+    os.utime(scratch / "prepare.py")  # a touch that changes nothing but the mtime
+    (scratch / "train.py").write_text("# the agent's file is not part of the harness\n")
+    assert harness_line(str(scratch)) == first
+    with open(scratch / "prepare.py", "a") as f:
+        f.write("# an edit\n")
+    edited = harness_line(str(scratch))
+    assert edited != first
+    (scratch / "backends" / "extra.py").write_text("X = 1\n")  # a new file in backends/ counts too
+    assert harness_line(str(scratch)) not in (first, edited)
+
+# ---------------------------------------------------------------------------
+# Runs that end without a summary, and the git state (real processes in a scratch repository)
+# ---------------------------------------------------------------------------
+
+TRAINER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from backends.record import start_run
+run = start_run(__file__, "cpu", {{"chip": "x"}})
+run.mark_training_start()
+print("started", flush=True)
+{body}
+"""
+
+
+def run_trainer(folder, body, git=False, signal_after=None):
+    """Write a tiny trainer that starts a run record and then runs `body`; run it in folder."""
+    path = os.path.join(folder, "train.py")
+    with open(path, "w") as f:
+        f.write(TRAINER.format(root=ROOT, body=textwrap.dedent(body)))
+    proc = subprocess.Popen([sys.executable, path], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if signal_after is not None:
+        assert proc.stdout.readline() == "started\n"
+        proc.send_signal(signal_after)
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out, runs(folder)
+
+
+def test_an_uncaught_exception_is_recorded_as_a_crash_after_its_traceback(tmp_path):
+    returncode, out, (rec,) = run_trainer(tmp_path, "raise RuntimeError('out of memory\\nmore')")
+    assert returncode == 1 and "Traceback" in out and "RuntimeError: out of memory" in out
+    assert rec["status"] == "crash" and rec["error"] == "RuntimeError: out of memory"
+    assert rec["trainer"] == "train.py" and rec["commit"] is None and rec["dirty"] is False  # not a repository
+
+
+def test_sigterm_from_timeout_is_recorded_as_a_crash(tmp_path):
+    returncode, out, (rec,) = run_trainer(tmp_path, "time.sleep(60)", signal_after=signal.SIGTERM)
+    assert returncode == -signal.SIGTERM  # killed by the signal, as without the handler
+    assert "terminated by SIGTERM" in out
+    assert rec["status"] == "crash" and "SIGTERM" in rec["error"]
+
+
+def test_an_exit_without_a_summary_is_recorded_as_a_crash(tmp_path):
+    returncode, out, (rec,) = run_trainer(tmp_path, "sys.exit('error: no data')")
+    assert returncode == 1 and rec["status"] == "crash" and rec["error"] == "exited without a summary"
+
+
+def test_fail_prints_the_step_and_the_loss_and_records_them(tmp_path):
+    returncode, out, (rec,) = run_trainer(tmp_path, "run.fail(37, float('nan'))")
+    assert returncode == 1
+    assert out.splitlines()[-1] == "FAIL: loss nan at step 37"
+    assert rec["status"] == "fail" and rec["step"] == 37 and rec["error"] == "loss nan at step 37"
+
+
+def test_the_record_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                                       text=True, env={**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b",
+                                                       "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"}).stdout
+    shutil.copy(os.path.join(ROOT, ".gitignore"), tmp_path)
+    run_trainer(tmp_path, "pass")  # writes train.py (and a runs.jsonl, which .gitignore keeps out of git)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    commit = git("rev-parse", "--short=7", "HEAD").strip()
+    *_, clean = run_trainer(tmp_path, "pass")[2]
+    assert clean["commit"] == commit and clean["dirty"] is False and "uncommitted" not in clean
+    (tmp_path / "helper.py").write_text("X = 1\n")  # a new file an idea imports, not yet added
+    *_, dirty = run_trainer(tmp_path, "pass")[2]
+    assert dirty["dirty"] is True and dirty["uncommitted"] == ["?? helper.py"]
