@@ -226,40 +226,66 @@ def count_parameters(depth, vocab_size=8192):
 # The memory model, per training step of the original GPT at (depth, B = device_batch_size, T = seq_len, V = vocab):
 #   state       = params * STATE_BYTES       fp32 weights + fp32 grads + two fp32 Adam moments (Muon keeps one
 #                                            momentum, embeddings are bf16: an upper bound)
-#   activations = B*T * depth * (ACT_WIDTHS * d * 2 + SCORE_BYTES * n_head * T)
-#                 what autograd keeps per token per layer, counted in d-wide bf16 vectors, plus the attention scores
-#                 where the backend materialises them (MPS: SDPA's backward takes the math path, upcast to fp32)
+#   activations = B*T * depth * ACT_WIDTHS * d * 2
+#                 what autograd keeps per token per layer, counted in d-wide bf16 vectors (twice that where the
+#                 compute dtype is float32: MLX on an M1 or the CPU)
+#   scores      = B * n_head * T*T * SCORE_BYTES * (depth or 1)
+#                 attention scores where the backend materialises them: every layer's for eager PyTorch (MPS: SDPA's
+#                 backward takes the math path, upcast to fp32), one layer's at a time for MLX on Metal and CPU
 #   logits      = B*T * V * LOGIT_BYTES       lm_head output, fp32 copy, softcap, log-softmax and their grads
 #   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch
-# Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the original
-# GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
+# PyTorch. Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the
+# original GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
 #   compiled, flash attention, bf16 (the original's setup)   8/64: 22.26   8/128: 43.94   4/128: 14.08
 #     (the original's README: peak_vram_mb 45060.2 = 44.0 GiB at 8/128, so the stand-in is faithful)
 #   eager, math-path attention, fp32 (MPS on M1: hungriest)  8/8: 11.61    8/16: 22.59    4/8: 4.46
 #   eager, math-path attention, bf16 (MPS on M2 and later)   8/8: 10.43    8/16: 20.30    4/8: 4.15
 #   eager, flash attention, bf16 (no scores kept)            8/16: 11.55   8/32: 22.54    4/16: 5.94
 # Fitted by depth and batch, then rounded up: estimates land 6-15% above the compiled points and 6-34% above the
-# eager ones. MLX shares the eager profile unmeasured (no Mac here); as far as mlx's source shows, its fused
-# attention recomputes one layer's scores at a time in the backward, so it should err high there. Measure on a Mac.
+# eager ones.
+# MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, and the loss computes the logits of
+# 1/8 of the tokens at a time. Calibration: mx.get_peak_memory() of two compiled training steps
+# (benchmarks/bench_mlx_memory.py), MLX 0.32.4, V 8192, T 2048 (depth/B: MiB):
+#   CUDA build, bf16, H200                        <measured>
+#   CPU build, float32                            <measured>
+# On Metal, MLX runs attention unfused whenever gradients are needed (mlx/backend/metal/
+# scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then recomputes it in the
+# backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5 B*H*T*T elements of the
+# compute dtype at the peak, measured on MLX's CPU build, which runs the same unfused ops. The CUDA build keeps none.
 STATE_BYTES = 16
 OVERHEAD_GB = 1.0
 PROFILES = {
-    # (ACT_WIDTHS, SCORE_BYTES, LOGIT_BYTES)
-    "compiled": (20, 0, 2.5),   # CUDA: torch.compile fuses softcap + cross-entropy, flash attention keeps no scores
-    "eager": (36, 4.5, 17),     # MPS, MLX, CPU
+    # (ACT_WIDTHS, SCORE_BYTES, scores of every layer?, LOGIT_BYTES)
+    "torch-compiled": (20, 0, False, 2.5),  # CUDA: torch.compile fuses softcap + cross-entropy, flash attention
+    "torch-eager": (36, 4.5, True, 17),     # MPS, CPU
+    "mlx-cuda": (22, 0, False, 2),          # cuDNN's fused attention, forward and backward
+    "mlx": (22, 4.5 * 2, False, 2),         # Metal and MLX's CPU build: unfused attention, recomputed per layer
 }
 
 
-def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size=8192, backend="mps"):
-    """Estimated peak memory (GiB) of one training step. `backend` picks the calibration: cuda is compiled,
-    anything else eager; the default (mps) is the hungriest, so an estimate that names no backend errs high."""
-    act_widths, score_bytes, logit_bytes = PROFILES["compiled" if backend == "cuda" else "eager"]
+def memory_profile(backend, hw=None):
+    """The PROFILES key for a backend; for MLX, hw (get_hardware_info) tells its CUDA build from Metal and the CPU."""
+    if backend == "cuda":
+        return "torch-compiled"
+    if backend != "mlx":
+        return "torch-eager"
+    return "mlx-cuda" if (hw or {}).get("tier") == "cuda" else "mlx"
+
+
+def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size=8192, backend="mps", hw=None):
+    """Estimated peak memory (GiB) of one training step. `backend` (and, for MLX, `hw`) picks the calibration;
+    the default (mps) is the hungriest, so an estimate that names no backend errs high."""
+    act_widths, score_bytes, every_layer, logit_bytes = PROFILES[memory_profile(backend, hw)]
+    hw = hw or {}
+    if backend == "mlx" and (hw.get("tier") == "cpu" or hw.get("generation") == "M1"):  # float32 compute
+        act_widths, score_bytes = 2 * act_widths, 2 * score_bytes
     d = _model_dim(depth)
     tokens = device_batch_size * seq_len
     state = count_parameters(depth, vocab_size) * STATE_BYTES
-    activations = tokens * depth * (act_widths * d * 2 + score_bytes * (d // HEAD_DIM) * seq_len)
+    activations = tokens * depth * act_widths * d * 2
+    scores = device_batch_size * (d // HEAD_DIM) * seq_len**2 * score_bytes * (depth if every_layer else 1)
     logits = tokens * vocab_size * logit_bytes
-    return (state + activations + logits) / 2**30 + OVERHEAD_GB
+    return (state + activations + scores + logits) / 2**30 + OVERHEAD_GB
 
 # ---------------------------------------------------------------------------
 # Tiered defaults
@@ -310,7 +336,7 @@ def suggest_hyperparameters(hw):
     depth, batch, total = TIER_DEFAULTS.get(_tier_key(hw), TIER_DEFAULTS["cpu"])
     backend = hw.get("backend", "mps")
     budget = memory_budget_gb(hw)
-    while estimate_memory_gb(depth, batch, backend=backend) > budget and (batch > 1 or depth > 1):
+    while estimate_memory_gb(depth, batch, backend=backend, hw=hw) > budget and (batch > 1 or depth > 1):
         if batch > 1:
             batch //= 2
         else:
@@ -387,6 +413,20 @@ def get_peak_flops(hw):
     return peak_flops_and_source(hw)[0]
 
 # ---------------------------------------------------------------------------
+# Compiler caches
+# ---------------------------------------------------------------------------
+
+def keep_compiler_caches(cache_dir):
+    """Keep the compilers' kernel caches in the autoresearch cache folder, unless the user chose other places.
+    Their defaults live in the temporary folder, which a reboot empties: on NVIDIA, MLX then spends ~3.5 minutes
+    JIT-compiling its kernels again before the first step (10 s with its cache), and torch.compile loses inductor's
+    cache of compiled graphs. Both read these variables when they first compile, after the trainer's imports."""
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:  # MLX's own default keeps one folder per version
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", os.path.join(cache_dir, "compiled", f"mlx-{mx.__version__}-ptx"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "compiled", "torchinductor"))
+
+# ---------------------------------------------------------------------------
 # Device utilities
 # ---------------------------------------------------------------------------
 
@@ -441,7 +481,7 @@ def print_hardware_summary(hw=None):
     """Print what was detected and the defaults that follow from it, one `key: value` per line."""
     hw = hw or get_hardware_info()
     config = suggest_hyperparameters(hw)
-    estimate = estimate_memory_gb(config["depth"], config["device_batch_size"], backend=hw["backend"])
+    estimate = estimate_memory_gb(config["depth"], config["device_batch_size"], backend=hw["backend"], hw=hw)
     budget = memory_budget_gb(hw)
     flops, source = peak_flops_and_source(hw)
     dash = lambda v: "-" if v is None else v

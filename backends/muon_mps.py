@@ -73,10 +73,12 @@ def muon_step(grads, params, momentum_buffer, second_buffer, momentum, lr, wd, b
 @functools.cache
 def compiled(fn):
     """fn under torch.compile, made on the first CUDA step: importing the compiler stack (dynamo, triton) costs
-    start-up time and is useless on MPS and CPU. Each parameter shape/dtype compiles once; dynamo's default limit
-    of 8 graphs per function would be a hard error (fullgraph) once a model has more shapes."""
+    start-up time and is useless on MPS and CPU. Shapes are symbolic, so one graph serves every parameter of a kind
+    (square, tall, wide matrices; vectors) and an edited model's new shapes find it in inductor's cache instead of
+    compiling each step function again. dynamo's default limit of 8 graphs per function would be a hard error
+    (fullgraph) once a model has more kinds."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)  # 2.6+ knows this name
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 # ---------------------------------------------------------------------------
 # Optimizer

@@ -203,6 +203,7 @@ def start_run(trainer, backend, hw):
     """Begin the record of a run of `trainer` (the script's __file__) and make sure it is written however the run
     ends: an uncaught exception, SIGTERM and an exit without a summary are recorded as a crash."""
     run = Run(trainer, backend, hw)
+    backends.keep_compiler_caches(prepare.CACHE_DIR)  # before the first compilation
     previous_excepthook = sys.excepthook
 
     def excepthook(kind, value, traceback):

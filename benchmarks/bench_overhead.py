@@ -5,7 +5,8 @@ Three runs, as the agent's loop meets them:
   first   the trainer as it is, with empty compiler caches (inductor's, MLX's PTX cache)
   again   the same code once more: the caches are warm
   edited  an agent-style edit (DEPTH = 10): the model changes, the caches are warm
-Each run uses the prepared data in the usual cache (AUTORESEARCH_CACHE_DIR) and a short training budget.
+Each run uses the prepared data in the usual cache (AUTORESEARCH_CACHE_DIR) and a short training budget, and imports
+prepare.py and backends/ from the trainer's own folder (so an older checkout can be measured too).
 
 Usage: python benchmarks/bench_overhead.py [TRAINER] [--budget SECONDS]   (TRAINER defaults to train.py)
 """
@@ -22,9 +23,10 @@ KEYS = ("training_seconds", "total_seconds", "startup_seconds", "eval_seconds", 
         "num_steps", "val_bpb")
 
 
-def run(trainer, budget, caches, log_path):
-    """Run the trainer to the end; returns its summary as key -> float."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "AUTORESEARCH_TIME_BUDGET": str(budget),
+def run(trainer, repo, budget, caches, log_path):
+    """Run the trainer (importing prepare and backends from repo) to the end; returns its summary as key -> float."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+           "AUTORESEARCH_TIME_BUDGET": str(budget),
            "TORCHINDUCTOR_CACHE_DIR": os.path.join(caches, "inductor"),
            "MLX_PTX_CACHE_DIR": os.path.join(caches, "mlx-ptx"), "TRITON_CACHE_DIR": os.path.join(caches, "triton")}
     with open(log_path, "w") as log:
@@ -57,7 +59,7 @@ def main():
     print(f"{'run':8s} {'overhead':>8s} {'startup':>8s} {'eval':>6s} {'training':>8s} {'total':>7s} {'mfu%':>6s} "
           f"{'steps':>5s} {'peak_vram_mb':>12s}")
     for name, path in (("first", trainer), ("again", trainer), ("edited", edited)):
-        s = run(path, args.budget, caches, os.path.join(work, f"{name}.log"))
+        s = run(path, os.path.dirname(trainer), args.budget, caches, os.path.join(work, f"{name}.log"))
         print(f"{name:8s} {s['total_seconds'] - s['training_seconds']:8.1f} {s['startup_seconds']:8.1f} "
               f"{s['eval_seconds']:6.1f} {s['training_seconds']:8.1f} {s['total_seconds']:7.1f} {s['mfu_percent']:6.2f} "
               f"{s['num_steps']:5.0f} {s['peak_vram_mb']:12.1f}", flush=True)
