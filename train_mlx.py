@@ -109,6 +109,8 @@ def lm_head_cross_entropy(x, weight, targets, softcap, n_chunks):
     w = weight.astype(x.dtype)
     losses = []
     for xc, tc in zip(chunks(x, n_chunks), chunks(targets, n_chunks)):
+        if losses:  # one slice after the other (see the VJP)
+            xc = mx.depends(xc, losses[-1])
         capped = softcap * mx.tanh((xc @ w.T).astype(mx.float32) / softcap)
         losses.append(mx.logsumexp(capped, axis=-1) - mx.take_along_axis(capped, tc[:, None], axis=-1)[:, 0])
     return mx.concatenate(losses)
@@ -123,11 +125,15 @@ def lm_head_cross_entropy_vjp(primals, cotangent, output):
     # comes from the saved loss (loss = logsumexp - capped target).
     # Made to depend on the cotangent, the inputs are new nodes to mx.compile: it cannot merge the recomputed logits
     # with the forward's (which would keep those alive until the backward), nor compute them before they are needed.
+    # Each slice also waits for the one before: MLX schedules independent work breadth-first (up to 20 wide), which
+    # would run the slices side by side and hold all their logits at once.
     x, weight, targets, softcap, n_chunks = primals
     x, weight = mx.depends([x, weight], [cotangent])
     w = weight.astype(x.dtype)
     grad_x, grad_w = [], mx.zeros(weight.shape, mx.float32)
     for xc, tc, gc, lc in zip(*(chunks(a, n_chunks) for a in (x, targets, cotangent, output))):
+        if grad_x:
+            xc, tc, gc, lc = mx.depends([xc, tc, gc, lc], [grad_x[-1], grad_w])
         t = mx.tanh((xc @ w.T).astype(mx.float32) / softcap)
         log_sum_exp = lc + softcap * mx.take_along_axis(t, tc[:, None], axis=-1)[:, 0]
         onehot = mx.arange(w.shape[0]) == tc[:, None]

@@ -233,7 +233,7 @@ def count_parameters(depth, vocab_size=8192):
 #                 attention scores where the backend materialises them: every layer's for eager PyTorch (MPS: SDPA's
 #                 backward takes the math path, upcast to fp32), one layer's at a time for MLX on Metal and CPU
 #   logits      = B*T * V * LOGIT_BYTES       lm_head output, fp32 copy, softcap, log-softmax and their grads
-#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch
+#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (MLX's CUDA build: more)
 # PyTorch. Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the
 # original GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
 #   compiled, flash attention, bf16 (the original's setup)   8/64: 22.26   8/128: 43.94   4/128: 14.08
@@ -243,23 +243,29 @@ def count_parameters(depth, vocab_size=8192):
 #   eager, flash attention, bf16 (no scores kept)            8/16: 11.55   8/32: 22.54    4/16: 5.94
 # Fitted by depth and batch, then rounded up: estimates land 6-15% above the compiled points and 6-34% above the
 # eager ones.
-# MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, and the loss computes the logits of
-# 1/8 of the tokens at a time. Calibration: mx.get_peak_memory() of two compiled training steps
-# (benchmarks/bench_mlx_memory.py), MLX 0.32.4, V 8192, T 2048 (depth/B: MiB):
-#   CUDA build, bf16, H200                        <measured>
-#   CPU build, float32                            <measured>
-# On Metal, MLX runs attention unfused whenever gradients are needed (mlx/backend/metal/
-# scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then recomputes it in the
-# backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5 B*H*T*T elements of the
-# compute dtype at the peak, measured on MLX's CPU build, which runs the same unfused ops. The CUDA build keeps none.
+# MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, the loss computes the logits of
+# 1/8 of the tokens at a time, and attention keeps no scores (fused on CUDA, recomputed per layer elsewhere).
+# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, peak_vram_mb (= mx.get_peak_memory()) of a
+# 60-second run or of benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
+#   8/16: 16564 (run)   8/32: 25533 (bench)   8/128: 70090 (run)   4/32: 12658 (bench)
+# Fitted: ACT_WIDTHS 30, LOGIT_BYTES 1.5 and a fixed 8.5 GiB; the estimates land 1-7% above these points. The fixed
+# part is there at depth 4 as at depth 8, and was there before the VJPs above (17.9 / 28.9 / 48.7 GB at B 16 / 32 /
+# 64): it is no array of the model's, and is taken to belong to the CUDA build. Metal was not measured (no Mac): it
+# gets the same widths and PyTorch's 1 GiB overhead, plus its attention term. On Metal, MLX runs attention unfused
+# whenever gradients are needed (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while
+# training); train_mlx.py then recomputes it in the backward (mx.checkpoint), so one layer's scores and their
+# gradients exist at a time: 4.5 B*H*T*T elements of the compute dtype at the peak, measured on MLX's CPU build,
+# which runs the same unfused ops (bf16: 9 bytes). The float32 compute of an M1 and of the CPU doubles the widths
+# and the scores.
 STATE_BYTES = 16
 OVERHEAD_GB = 1.0
 PROFILES = {
-    # (ACT_WIDTHS, SCORE_BYTES, scores of every layer?, LOGIT_BYTES)
-    "torch-compiled": (20, 0, False, 2.5),  # CUDA: torch.compile fuses softcap + cross-entropy, flash attention
-    "torch-eager": (36, 4.5, True, 17),     # MPS, CPU
-    "mlx-cuda": (22, 0, False, 2),          # cuDNN's fused attention, forward and backward
-    "mlx": (22, 4.5 * 2, False, 2),         # Metal and MLX's CPU build: unfused attention, recomputed per layer
+    # (ACT_WIDTHS, SCORE_BYTES, scores of every layer?, LOGIT_BYTES, OVERHEAD_GB)
+    "torch-compiled": (20, 0, False, 2.5, OVERHEAD_GB),  # CUDA: torch.compile fuses softcap + cross-entropy,
+                                                         # flash attention keeps no scores
+    "torch-eager": (36, 4.5, True, 17, OVERHEAD_GB),     # MPS, CPU
+    "mlx-cuda": (30, 0, False, 1.5, 8.5),                # cuDNN's fused attention, forward and backward
+    "mlx": (30, 9, False, 1.5, OVERHEAD_GB),             # Metal and MLX's CPU build: unfused attention, per layer
 }
 
 
@@ -275,7 +281,7 @@ def memory_profile(backend, hw=None):
 def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size=8192, backend="mps", hw=None):
     """Estimated peak memory (GiB) of one training step. `backend` (and, for MLX, `hw`) picks the calibration;
     the default (mps) is the hungriest, so an estimate that names no backend errs high."""
-    act_widths, score_bytes, every_layer, logit_bytes = PROFILES[memory_profile(backend, hw)]
+    act_widths, score_bytes, every_layer, logit_bytes, overhead_gb = PROFILES[memory_profile(backend, hw)]
     hw = hw or {}
     if backend == "mlx" and (hw.get("tier") == "cpu" or hw.get("generation") == "M1"):  # float32 compute
         act_widths, score_bytes = 2 * act_widths, 2 * score_bytes
@@ -285,7 +291,7 @@ def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size
     activations = tokens * depth * act_widths * d * 2
     scores = device_batch_size * (d // HEAD_DIM) * seq_len**2 * score_bytes * (depth if every_layer else 1)
     logits = tokens * vocab_size * logit_bytes
-    return (state + activations + scores + logits) / 2**30 + OVERHEAD_GB
+    return (state + activations + scores + logits) / 2**30 + overhead_gb
 
 # ---------------------------------------------------------------------------
 # Tiered defaults

@@ -316,20 +316,33 @@ CALIBRATION = [
     ("mps", 8, 16, 22.59, 1.35),    # eager, math-path attention, fp32: what MPS does on an M1
     ("mps", 8, 8, 11.61, 1.35),
     ("mps", 4, 8, 4.46, 1.35),
+    ("mlx-cuda", 8, 16, 16564 / 1024, 1.25),  # MLX's CUDA build on an H200: peak_vram_mb of 60-second runs...
+    ("mlx-cuda", 8, 128, 70090 / 1024, 1.25),
+    ("mlx-cuda", 8, 32, 25533 / 1024, 1.25),  # ...and of benchmarks/bench_mlx_memory.py
+    ("mlx-cuda", 4, 32, 12658 / 1024, 1.25),
 ]
+MLX_ON_CUDA = {"tier": "cuda", "memory_gb": 140.4, "backend": "mlx"}
 
 
 @pytest.mark.parametrize("backend, depth, batch, measured, slack", CALIBRATION)
 def test_estimate_errs_high_against_measured_peaks(backend, depth, batch, measured, slack):
-    estimate = backends.estimate_memory_gb(depth, batch, backend=backend)
+    if backend == "mlx-cuda":
+        estimate = backends.estimate_memory_gb(depth, batch, backend="mlx", hw=MLX_ON_CUDA)
+    else:
+        estimate = backends.estimate_memory_gb(depth, batch, backend=backend)
     assert measured <= estimate <= slack * measured
 
 
 def test_estimate_grows_with_size_and_eager_needs_more_than_compiled():
     est = backends.estimate_memory_gb
     assert est(4, 8) < est(4, 16) < est(8, 16) < est(8, 16, seq_len=4096)
-    assert est(8, 16) == est(8, 16, backend="mlx") == est(8, 16, backend="cpu")
+    assert est(8, 16) == est(8, 16, backend="cpu")  # eager PyTorch
     assert est(8, 16, backend="cuda") < est(8, 16)
+    # MLX keeps one layer's attention scores at a time on Metal, where eager PyTorch keeps every layer's
+    metal = {"tier": "max", "generation": "M3", "backend": "mlx"}
+    assert est(8, 16, backend="mlx", hw=metal) < est(8, 16)
+    assert est(8, 16, backend="mlx", hw=metal) < est(8, 16, backend="mlx", hw={**metal, "generation": "M1"})  # fp32
+    assert est(8, 16, backend="mlx", hw=metal) > est(8, 16, backend="mlx", hw=MLX_ON_CUDA) - 8.5 + 1  # + its scores
     assert est(8, 16, vocab_size=32768) > est(8, 16)
 
 # ---------------------------------------------------------------------------
@@ -341,7 +354,7 @@ def check_config(hw, fraction):
     depth, batch, total = config["depth"], config["device_batch_size"], config["total_batch_size"]
     assert depth >= 1 and batch >= 1
     assert total % (batch * backends.MAX_SEQ_LEN) == 0
-    assert backends.estimate_memory_gb(depth, batch, backend=hw["backend"]) <= fraction * hw["memory_gb"]
+    assert backends.estimate_memory_gb(depth, batch, backend=hw["backend"], hw=hw) <= fraction * hw["memory_gb"]
     return config
 
 
@@ -464,7 +477,7 @@ def test_summary_of_a_fake_mac(capsys):
                                      "memory_gb": 64.0, "backend": "mlx"})
     out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
     assert out["chip"].strip() == "Apple M3 Max" and out["gpu_cores"].strip() == "40"
-    assert out["depth"].strip() == "8" and out["device_batch_size"].strip() == "16"
+    assert out["depth"].strip() == "8" and out["device_batch_size"].strip() == "32"  # MLX's own memory profile
     assert "estimate" in out["peak_tflops_bf16"] and "14.3" in out["peak_tflops_bf16"]
 
 
@@ -510,3 +523,21 @@ def test_python_m_backends_bad_env_is_one_line_and_nonzero():
     assert result.returncode != 0 and result.stdout == ""
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
     assert "choose one of auto, mlx, mps, cuda, cpu" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Compiler caches
+# ---------------------------------------------------------------------------
+
+def test_compiler_caches_go_to_the_autoresearch_cache_unless_the_user_chose(monkeypatch, tmp_path):
+    import mlx.core as mx
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    backends.keep_compiler_caches(str(tmp_path))
+    assert os.environ["MLX_PTX_CACHE_DIR"] == str(tmp_path / "compiled" / f"mlx-{mx.__version__}-ptx")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled" / "torchinductor")
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "/elsewhere/ptx")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere/inductor")
+    backends.keep_compiler_caches(str(tmp_path))
+    assert (os.environ["MLX_PTX_CACHE_DIR"], os.environ["TORCHINDUCTOR_CACHE_DIR"]) == ("/elsewhere/ptx",
+                                                                                     "/elsewhere/inductor")

@@ -236,7 +236,7 @@ def test_tier_table_is_what_suggest_hyperparameters_returns():
                 row = (tier, backend, memory_gb)
                 assert config == {"depth": int(depth), "device_batch_size": int(batch),
                                   "total_batch_size": as_int(total)}, row
-                assert f"{backends.estimate_memory_gb(int(depth), int(batch), backend=backend):.1f}" == estimate, row
+                assert f"{backends.estimate_memory_gb(int(depth), int(batch), backend=backend, hw=hw):.1f}" == estimate, row
         seen.add(tier)
     assert seen == set(backends.TIER_DEFAULTS)
     # what the prose around the table says
