@@ -337,7 +337,8 @@ def build_from_source(source):
         raise PrepareError(f"error: --source {source}: only validation files, nothing to train on")
     os.makedirs(DATA_DIR, exist_ok=True)
     existing = [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")]
-    marker_path, previous = os.path.join(DATA_DIR, SOURCE_MARKER), read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
+    marker_path = os.path.join(DATA_DIR, SOURCE_MARKER)
+    previous = read_json(marker_path)
     if existing and previous is None:
         raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
                            f"to another folder to use --source")
@@ -363,11 +364,8 @@ def build_from_source(source):
               f"are deleted, and the tokenizer and token ids follow the new text)")
     # written first and marked complete last: a plain rerun must neither download nor train on half-built data
     write_json(marker_path, {"source": os.path.abspath(source), "complete": False})
-    if skipped:
-        print(f"Source: reading {len(files)} files from {source} "
-              f"(skipped {len(skipped)} of other types: {first_names(skipped)})")
-    else:
-        print(f"Source: reading {len(files)} files from {source}")
+    note = f" (skipped {len(skipped)} of other types: {first_names(skipped)})" if skipped else ""
+    print(f"Source: reading {len(files)} files from {source}{note}")
 
     written, changed, shard, chars, val_docs = [], 0, [], 0, []
     for i, doc in enumerate(train_docs()):
