@@ -204,6 +204,7 @@ def start_run(trainer, backend, hw):
     ends: an uncaught exception, SIGTERM and an exit without a summary are recorded as a crash."""
     run = Run(trainer, backend, hw)
     backends.keep_compiler_caches(prepare.CACHE_DIR)  # before the first compilation
+    backends.bound_mlx_graph_memory()  # before MLX's first GPU operation
     previous_excepthook = sys.excepthook
 
     def excepthook(kind, value, traceback):
@@ -211,6 +212,9 @@ def start_run(trainer, backend, hw):
         run._crash(f"{kind.__name__}: {value}".splitlines()[0])
 
     def on_sigterm(signum, frame):
+        # `timeout` signals uv's whole process group and uv passes the signal on: a second SIGTERM can come while
+        # the first is recorded, and would end the process mid-write. It is ignored until the record is written.
+        signal.signal(signum, signal.SIG_IGN)
         if os.getpid() == run.pid:
             print(f"\nterminated by SIGTERM after {time.time() - run.t_start:.0f} s", flush=True)
             run._crash("terminated by SIGTERM (a timeout?)")

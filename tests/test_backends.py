@@ -541,3 +541,19 @@ def test_compiler_caches_go_to_the_autoresearch_cache_unless_the_user_chose(monk
     backends.keep_compiler_caches(str(tmp_path))
     assert (os.environ["MLX_PTX_CACHE_DIR"], os.environ["TORCHINDUCTOR_CACHE_DIR"]) == ("/elsewhere/ptx",
                                                                                      "/elsewhere/inductor")
+
+
+def test_mlx_cuda_graphs_are_kept_small_off_macos_unless_the_user_chose(monkeypatch):
+    # MLX's CUDA build holds every input of up to 11 queued CUDA graphs of 1000 MB each (H100/H200); Metal keeps
+    # its own small command buffers, so macOS is left alone.
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    monkeypatch.setattr(backends, "_platform", lambda: "darwin")
+    backends.bound_mlx_graph_memory()
+    assert "MLX_MAX_MB_PER_BUFFER" not in os.environ
+    monkeypatch.setattr(backends, "_platform", lambda: "linux")
+    backends.bound_mlx_graph_memory()
+    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == str(backends.MLX_GRAPH_MB)
+    monkeypatch.setenv("MLX_MAX_MB_PER_BUFFER", "400")
+    backends.bound_mlx_graph_memory()
+    assert os.environ["MLX_MAX_MB_PER_BUFFER"] == "400"
+

@@ -237,6 +237,35 @@ def test_an_uncaught_exception_is_recorded_as_a_crash_after_its_traceback(tmp_pa
     assert rec["trainer"] == "train.py" and rec["commit"] is None and rec["dirty"] is False  # not a repository
 
 
+def test_a_second_sigterm_while_the_first_is_recorded_does_not_lose_the_record(tmp_path):
+    # `timeout` signals uv's process group and uv passes the signal on: the trainer can get two SIGTERMs. Here the
+    # second arrives while the first one's record is being written.
+    returncode, out, records = run_trainer(tmp_path, """
+        import json, os, signal
+        import backends.record
+        real_dumps, sent = json.dumps, []
+        def dumps(*args, **kwargs):
+            if not sent:
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)
+            return real_dumps(*args, **kwargs)
+        backends.record.json.dumps = dumps
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        """)
+    assert returncode == -signal.SIGTERM and out.count("terminated by SIGTERM") == 1, out
+    (record,) = records
+    assert record["status"] == "crash" and "SIGTERM" in record["error"]
+
+
+def test_a_run_bounds_mlx_cuda_graphs_before_the_first_gpu_operation(tmp_path, monkeypatch):
+    # start_run is the trainers' first call after their imports; MLX reads the variable at its first GPU operation
+    monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
+    returncode, out, _ = run_trainer(tmp_path, "import os; print(os.environ.get('MLX_MAX_MB_PER_BUFFER'))")
+    assert out.split("\n")[1] == (str(backends.MLX_GRAPH_MB) if sys.platform != "darwin" else "None")
+
+
 def test_sigterm_from_timeout_is_recorded_as_a_crash(tmp_path):
     returncode, out, (rec,) = run_trainer(tmp_path, "time.sleep(60)", signal_after=signal.SIGTERM)
     assert returncode == -signal.SIGTERM  # killed by the signal, as without the handler
