@@ -56,28 +56,48 @@ def rope(x):
 
 
 @lru_cache(maxsize=None)
-def attention_mask(T, window, dtype):
-    """Full-context layers use the fused causal path. Windowed layers get an additive (T, T) mask in the compute
-    dtype: 0 where query i may see key j (0 <= i - j <= window, FlashAttention's left window), -inf elsewhere.
-    Additive rather than boolean: MLX's CUDA attention turns a boolean mask into a fresh additive B*H*T*T bias at
-    every call (H100, B=32 T=2048: 3.7 ms forward+backward instead of 5.9). Built once per (T, window, dtype)."""
-    if window >= T - 1:
-        return "causal"
-    i = mx.arange(T)[:, None]
-    j = mx.arange(T)[None, :]
-    return mx.where((i - j >= 0) & (i - j <= window), 0.0, -mx.inf).astype(dtype)
+def band_mask(chunk, window, dtype):
+    """Additive (chunk, window + chunk) mask of a chunk of queries against the keys from `window` before its first
+    query to its last: 0 where query r may see key c (r <= c <= r + window, FlashAttention's left window), -inf
+    elsewhere. In the compute dtype: MLX's CUDA attention turns a boolean mask into a fresh additive bias at every
+    call. Built once per (chunk, window, dtype)."""
+    r = mx.arange(chunk)[:, None]
+    c = mx.arange(window + chunk)[None, :]
+    return mx.where((c >= r) & (c <= r + window), 0.0, -mx.inf).astype(dtype)
+
+
+def windowed_attention(q, k, v, window, sdpa, chunk=1024):
+    """Causal attention with a left window, without computing the scores that the window hides. Queries before
+    `window` see every earlier key: one causal call. The later ones go in chunks of `chunk` queries, each against
+    only the window + chunk keys it can see, all chunks side by side in the batch axis of one masked call. A mask
+    makes every score computed, so one masked call over all T x T pairs would do 4x the work at window T/2."""
+    B, H, T, D = q.shape
+    head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], mask="causal")
+    chunk = min(chunk, T - window)
+    n = -(-(T - window) // chunk)
+    pad = [(0, 0), (0, 0), (0, window + n * chunk - T), (0, 0)]  # a last, shorter chunk is padded to full length
+    q, k, v = (mx.pad(a, pad) for a in (q, k, v))
+    qc = q[:, :, window:].reshape(B, H, n, chunk, D).swapaxes(1, 2).reshape(B * n, H, chunk, D)
+    kc, vc = (mx.stack([a[:, :, i * chunk:i * chunk + window + chunk] for i in range(n)], axis=1)
+              .reshape(B * n, H, window + chunk, D) for a in (k, v))
+    tail = sdpa(qc, kc, vc, mask=band_mask(chunk, window, q.dtype))
+    tail = tail.reshape(B, n, H, chunk, D).swapaxes(1, 2).reshape(B, H, n * chunk, D)[:, :, :T - window]
+    return mx.concatenate([head, tail], axis=2)
 
 
 def attention(q, k, v, window):
     """Causal attention over (B, H, T, D) with a left window. MLX's CUDA build trains with fused cuDNN kernels,
     forward and backward. Metal, and MLX's CPU build, run attention unfused whenever gradients are needed (the fused
-    kernel serves only inference), so autodiff would keep every layer's B*H*T*T scores and probabilities for the
-    backward: 512 MiB per tensor per layer at B=16, H=4, T=2048 in bf16. There, mx.checkpoint keeps only q, k, v and
-    the output, and recomputes one layer's scores at a time in the backward (one more attention forward per layer)."""
-    mask = attention_mask(q.shape[2], window, q.dtype)
-    sdpa = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1]**-0.5, mask=mask)
+    kernel serves only inference), so autodiff would keep every layer's scores and probabilities for the backward:
+    512 MiB per tensor per layer at B=16, H=4, T=2048 in bf16. There, mx.checkpoint keeps only q, k, v and the
+    output, and recomputes one layer's scores at a time in the backward (one more attention forward per layer)."""
+    sdpa = partial(mx.fast.scaled_dot_product_attention, scale=q.shape[-1]**-0.5)
+    if window >= q.shape[2] - 1:
+        fn = lambda q, k, v: sdpa(q, k, v, mask="causal")
+    else:
+        fn = lambda q, k, v: windowed_attention(q, k, v, window, sdpa)
     fused_backward = mx.default_device() == mx.gpu and not mx.metal.is_available()  # MLX's CUDA build
-    return sdpa(q, k, v) if fused_backward else mx.checkpoint(sdpa)(q, k, v)
+    return fn(q, k, v) if fused_backward else mx.checkpoint(fn)(q, k, v)
 
 
 @mx.custom_function

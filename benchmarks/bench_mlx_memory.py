@@ -2,10 +2,12 @@
 Peak memory of train_mlx.py's training step, measured against the memory model's estimate (backends/).
 For each configuration (depth, device batch), the trainer's own GPT, optimizer and step functions, compiled as
 the trainer compiles them, run two optimizer steps on random tokens; mx.get_peak_memory() after them is what
-the summary's peak_vram_mb reports for the same step. MLX's default device is used (the GPU where there is one).
+the summary's peak_vram_mb reports for the same step. Then --timed more steps give the step's speed (tok/s,
+without accumulation: one device batch per optimizer step). MLX's default device is used (the GPU where there is
+one).
 
-Usage: python benchmarks/bench_mlx_memory.py [DEPTH:BATCH ...]      (default: the CPU tier, 2:1)
-       e.g. python benchmarks/bench_mlx_memory.py 8:16 8:32 8:64 4:32
+Usage: python benchmarks/bench_mlx_memory.py [--timed N] [DEPTH:BATCH ...]   (default: the CPU tier, 2:1, N=0)
+       e.g. python benchmarks/bench_mlx_memory.py --timed 5 8:16 8:32 8:64 4:32
 """
 
 import os
@@ -21,11 +23,11 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 import train_mlx  # noqa: E402
-from backends import estimate_memory_gb  # noqa: E402
+from backends import bound_mlx_graph_memory, estimate_memory_gb  # noqa: E402
 from prepare import MAX_SEQ_LEN, VOCAB_SIZE  # noqa: E402
 
 
-def peak_mib(depth, batch):
+def peak_mib_and_tok_per_s(depth, batch, timed):
     mx.random.seed(0)
     gpu = mx.default_device() == mx.gpu
     dtype = mx.bfloat16 if gpu and train_mlx.HW["generation"] != "M1" else mx.float32  # as the trainer chooses
@@ -40,26 +42,38 @@ def peak_mib(depth, batch):
     x, y = (mx.random.randint(0, VOCAB_SIZE, (batch, MAX_SEQ_LEN)) for _ in range(2))
     mx.eval(model.parameters(), x, y)
     mx.reset_peak_memory()
-    for _ in range(2):
+    for step in range(2 + timed):
+        if step == 2:
+            peak = mx.get_peak_memory() / 2**20
+            t0 = time.perf_counter()
         loss, grads = grad_step(x, y)
         mx.eval(loss, grads)
         optimizer.set_schedule(1.0, 0.85, 0.2)
         optimizer_step(tree_map(lambda g: g / 2, grads))  # the trainer divides by its accumulation steps
         mx.eval(model.state, optimizer.state)
         del grads
-    return mx.get_peak_memory() / 2**20
+    if not timed:
+        return mx.get_peak_memory() / 2**20, None
+    return peak, timed * batch * MAX_SEQ_LEN / (time.perf_counter() - t0)
 
 
 def main():
-    configs = [tuple(int(v) for v in arg.split(":")) for arg in sys.argv[1:]] or [(2, 1)]
-    print(f"MLX {mx.__version__} on {mx.default_device()} ({train_mlx.HW['chip']}), T={MAX_SEQ_LEN}, vocab {VOCAB_SIZE}")
-    print(f"{'depth':>5s} {'batch':>5s} {'peak_mib':>10s} {'estimate_mib':>12s} {'estimate/peak':>13s} {'seconds':>7s}")
+    args = sys.argv[1:]
+    timed = int(args.pop(args.index("--timed") + 1)) if "--timed" in args else 0
+    args = [a for a in args if a != "--timed"]
+    configs = [tuple(int(v) for v in arg.split(":")) for arg in args] or [(2, 1)]
+    bound_mlx_graph_memory()  # as the trainer's start does, before the first GPU operation
+    print(f"MLX {mx.__version__} on {mx.default_device()} ({train_mlx.HW['chip']}), T={MAX_SEQ_LEN}, vocab {VOCAB_SIZE}"
+          f", MLX_MAX_MB_PER_BUFFER={os.environ.get('MLX_MAX_MB_PER_BUFFER', 'unset')}")
+    print(f"{'depth':>5s} {'batch':>5s} {'peak_mib':>10s} {'estimate_mib':>12s} {'estimate/peak':>13s} "
+          f"{'tok/s':>9s} {'seconds':>7s}")
     for depth, batch in configs:
         t0 = time.time()
-        peak = peak_mib(depth, batch)
+        peak, tok_per_s = peak_mib_and_tok_per_s(depth, batch, timed)
         estimate = estimate_memory_gb(depth, batch, backend="mlx", hw=train_mlx.HW) * 1024
-        print(f"{depth:5d} {batch:5d} {peak:10.1f} {estimate:12.1f} {estimate / peak:13.2f} {time.time() - t0:7.1f}",
-              flush=True)
+        speed = f"{tok_per_s:9,.0f}" if tok_per_s else f"{'-':>9s}"
+        print(f"{depth:5d} {batch:5d} {peak:10.1f} {estimate:12.1f} {estimate / peak:13.2f} {speed} "
+              f"{time.time() - t0:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,3 +120,32 @@ def test_mlx_gpu_gradients_match_mlx_cpu():
     for path, expected in grads[mx.cpu].items():  # relative to the gradient's norm: CUDA's float32 matmuls use TF32
         error = np.linalg.norm(grads[mx.gpu][path] - expected)
         assert error <= 1e-2 * np.linalg.norm(expected) + 1e-7, (path, error, np.linalg.norm(expected))
+
+
+@needs_mlx_gpu
+@pytest.mark.parametrize("chunk", [1024, 80])  # the trainer's (one chunk here), and three chunks, the last padded
+def test_mlx_gpu_windowed_attention_in_bf16_matches_the_masked_softmax(chunk):
+    # bf16 at head dim 128 takes the GPU's fused kernels (cuDNN on CUDA): a causal call and a masked chunked one.
+    # Reference: the plain masked softmax in float32 on the CPU, forward and backward.
+    T, window = 256, 64
+    rng = np.random.default_rng(0)
+    q, k, v, w = (rng.normal(size=(2, 2, T, 128)).astype(np.float32) for _ in range(4))
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    mask = mx.array(np.where((i - j >= 0) & (i - j <= window), 0.0, -np.inf), mx.float32)
+    sdpa = lambda *a, **kw: mx.fast.scaled_dot_product_attention(*a, scale=128**-0.5, **kw)
+
+    def loss(fn, dtype, q, k, v):
+        return (fn(*(a.astype(dtype) for a in (q, k, v))).astype(mx.float32) * mx.array(w)).sum()
+
+    results = {}
+    for device, dtype, fn in ((mx.gpu, mx.bfloat16, lambda q, k, v: train_mlx.windowed_attention(
+                                   q, k, v, window, sdpa, chunk=chunk)),
+                              (mx.cpu, mx.float32, lambda q, k, v: sdpa(q, k, v, mask=mask))):
+        with mx.stream(device):
+            arrays = [mx.array(a) for a in (q, k, v)]
+            out = fn(*(a.astype(dtype) for a in arrays)).astype(mx.float32)
+            grads = mx.grad(lambda *a: loss(fn, dtype, *a), argnums=(0, 1, 2))(*arrays)
+            results[device] = [np.array(a) for a in (out, *grads)]
+    for got, expected in zip(results[mx.gpu], results[mx.cpu]):
+        assert np.linalg.norm(got - expected) <= 2e-2 * np.linalg.norm(expected), (
+            np.linalg.norm(got - expected), np.linalg.norm(expected))

@@ -74,23 +74,29 @@ def test_window_mask_matches_the_brute_force_definition(T, window):
     # Key j is visible from query i iff 0 <= i - j <= window (FlashAttention's window_size=(window, 0)).
     brute = np.array([[0 <= i - j <= window for j in range(T)] for i in range(T)]) if T <= 64 else None
     torch_mask = train.window_mask(T, window, torch.device("cpu")).numpy()
-    additive = np.array(train_mlx.attention_mask(T, window, mx.float32))
-    assert set(np.unique(additive)) == {0.0, -np.inf}
-    mlx_mask = additive == 0
     if brute is not None:
         np.testing.assert_array_equal(torch_mask, brute)
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     np.testing.assert_array_equal(torch_mask, (i - j >= 0) & (i - j <= window))
-    np.testing.assert_array_equal(mlx_mask, torch_mask)
     if T == 2048:  # the real S layer: query 1500 sees keys 476..1500
         assert torch_mask[1500, 476] and not torch_mask[1500, 475] and not torch_mask[1500, 1501]
 
 
+@pytest.mark.parametrize("chunk,window", [(4, 3), (16, 7), (1024, 1024)])
+def test_mlx_band_mask_is_the_window_seen_from_a_chunk(chunk, window):
+    # A chunk of queries starting at q0 sees keys from q0 - window: query r of the chunk sees key c of its keys
+    # iff query q0 + r may see key q0 - window + c in the full mask.
+    additive = np.array(train_mlx.band_mask(chunk, window, mx.float32))
+    assert additive.shape == (chunk, window + chunk) and set(np.unique(additive)) == {0.0, -np.inf}
+    q0 = window
+    full = train.window_mask(q0 + chunk, window, torch.device("cpu")).numpy()
+    np.testing.assert_array_equal(additive == 0, full[q0:, :])
+
+
 def test_masks_are_built_once_per_shape():
     assert train.window_mask(64, 32, torch.device("cpu")) is train.window_mask(64, 32, torch.device("cpu"))
-    assert train_mlx.attention_mask(64, 32, mx.bfloat16) is train_mlx.attention_mask(64, 32, mx.bfloat16)
-    assert train_mlx.attention_mask(64, 32, mx.bfloat16).dtype == mx.bfloat16  # the dtype of q, k and v
-    assert train_mlx.attention_mask(64, 64, mx.bfloat16) == "causal"  # full layers take the fused causal path
+    assert train_mlx.band_mask(64, 32, mx.bfloat16) is train_mlx.band_mask(64, 32, mx.bfloat16)
+    assert train_mlx.band_mask(64, 32, mx.bfloat16).dtype == mx.bfloat16  # the dtype of q, k and v
 
 
 def test_windowed_attention_equals_explicit_softmax():
@@ -111,6 +117,24 @@ def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
     bs = 256 // dense.shape[0]
     tiles = mask.view(dense.shape[0], bs, dense.shape[1], bs).any(dim=(1, 3))
     assert torch.equal(dense.bool(), tiles)
+
+
+def test_compiled_blocks_make_one_graph_per_variant():
+    # train.py compiles each block on its own (CUDA), and blocks alike share a graph: here (window, value embedding)
+    # = (S, none) for layers 0 and 2, (S, ve) and (L, ve): 3 graphs. Layer 0 must not add one of its own, as it
+    # would if its x and x0 were the same tensor (dynamo guards on inputs that alias).
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(**TINY))
+    model.init_weights(dtype=torch.float32)
+    for block in model.transformer.h:
+        block.compile(backend="aot_eager", dynamic=False)
+    idx = torch.randint(0, 512, (2, 64))
+    model(idx, idx).backward()
+    assert counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()
 
 
 def test_torch_forward_shapes_and_loss_reductions():
@@ -193,18 +217,40 @@ def test_mlx_relu_squared_matches_autodiff():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("window", [20, 64])  # a windowed layer (additive mask) and a full one (causal)
-def test_mlx_attention_equals_the_fused_call_forward_and_backward(window):
-    # On MLX's CPU (and Metal) attention() recomputes the scores in the backward (mx.checkpoint): the values and
-    # the gradients must be those of mx.fast.scaled_dot_product_attention itself.
+def window_softmax_mask(T, window):
+    """The additive (T, T) mask of a windowed causal layer, built from its definition."""
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    return mx.array(np.where((i - j >= 0) & (i - j <= window), 0.0, -np.inf), mx.float32)
+
+
+@pytest.mark.parametrize("window", [20, 64])  # a windowed layer (chunked) and a full one (causal)
+def test_mlx_attention_equals_the_masked_fused_call_forward_and_backward(window):
+    # attention() skips the scores that the window hides (windowed_attention), and on MLX's CPU (and Metal)
+    # recomputes them in the backward (mx.checkpoint): values and gradients must be those of one
+    # mx.fast.scaled_dot_product_attention call over all T x T pairs with the window's mask.
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.normal(size=(2, 3, 64, 16)), mx.float32) for _ in range(3))
     weights = mx.array(rng.normal(size=(2, 3, 64, 16)), mx.float32)
-    mask = train_mlx.attention_mask(64, window, mx.float32)
+    mask = window_softmax_mask(64, window)
     fused = lambda q, k, v: (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask) * weights).sum()
     ours = lambda q, k, v: (train_mlx.attention(q, k, v, window) * weights).sum()
     for got, expected in zip(mlx_grads(ours, q, k, v), mlx_grads(fused, q, k, v)):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,window,chunk", [(64, 20, 8), (64, 20, 44), (64, 31, 5), (40, 7, 3), (64, 1, 8),
+                                            (64, 62, 4)])
+def test_mlx_windowed_attention_in_chunks_is_exact(T, window, chunk):
+    # Chunks that divide the queries after the window and chunks that leave a padded last one, windows from 1 to
+    # T - 2: the same values and gradients as the masked call over all pairs.
+    rng = np.random.default_rng(1)
+    q, k, v, weights = (mx.array(rng.normal(size=(2, 3, T, 16)), mx.float32) for _ in range(4))
+    sdpa = lambda q, k, v, mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+    mask = window_softmax_mask(T, window)
+    full = lambda q, k, v: (sdpa(q, k, v, mask) * weights).sum()
+    chunked = lambda q, k, v: (train_mlx.windowed_attention(q, k, v, window, sdpa, chunk=chunk) * weights).sum()
+    for got, expected in zip(mlx_grads(chunked, q, k, v), mlx_grads(full, q, k, v)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mlx_residual_stream_stays_in_the_compute_dtype(monkeypatch):
