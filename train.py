@@ -296,7 +296,7 @@ class GPT(nn.Module):
 
         x = self.transformer.wte(idx)
         x = norm(x)
-        x0 = x
+        x0 = x.clone()  # a tensor of its own: a compiled block called with x is x0 would compile a graph just for that
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], ve, cos_sin, self.window_sizes[i])

@@ -8,12 +8,12 @@ Differences from the original, all numerical hygiene, none in the math:
   parameter in its own dtype (bf16 embeddings stay bf16). This also keeps lerp_ off half-precision
   tensors, which PyTorch's MPS backend gets wrong.
 - Newton-Schulz runs in bf16 only on CUDA (see CUDA_NS_DTYPE).
-- torch.compile only on CUDA; MPS and CPU run the same functions eagerly.
+- The steps run eagerly everywhere: on CUDA, compiling them took ~30 s at every edit that changes the
+  model's shapes, for ~1% of a step's time.
 
 The training loop calls set_schedule(...) once per step; it reaches every group.
 """
 
-import functools
 import math
 
 import torch
@@ -27,8 +27,7 @@ from backends import POLAR_EXPRESS_COEFFS  # shared by both frameworks
 CUDA_NS_DTYPE = torch.bfloat16
 
 # ---------------------------------------------------------------------------
-# Fused steps (plain tensor functions: compiled on CUDA, eager elsewhere)
-# Scalars arrive as Python floats (eager) or 0-D CPU tensors (compiled, so new values don't recompile).
+# Steps (plain tensor functions, run eagerly)
 # ---------------------------------------------------------------------------
 
 def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
@@ -70,16 +69,6 @@ def muon_step(grads, params, momentum_buffer, second_buffer, momentum, lr, wd, b
     params.sub_(lr * g + lr * wd * params * mask)
 
 
-@functools.cache
-def compiled(fn):
-    """fn under torch.compile, made on the first CUDA step: importing the compiler stack (dynamo, triton) costs
-    start-up time and is useless on MPS and CPU. Shapes are symbolic, so one graph serves every parameter of a kind
-    (square, tall, wide matrices; vectors) and an edited model's new shapes find it in inductor's cache instead of
-    compiling each step function again. dynamo's default limit of 8 graphs per function would be a hard error
-    (fullgraph) once a model has more kinds."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)  # 2.6+ knows this name
-    return torch.compile(fn, dynamic=True, fullgraph=True)
-
 # ---------------------------------------------------------------------------
 # Optimizer
 # ---------------------------------------------------------------------------
@@ -98,7 +87,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 assert len(shapes) == 1 and len(next(iter(shapes))) == 2, \
                     f"a muon group needs 2-D parameters of one shape, got shapes {sorted(shapes)}"
             group["initial_lr"] = group["lr"]
-        self._scalars = {}  # name -> reused 0-D CPU tensor (CUDA only)
 
     def set_schedule(self, lr_multiplier, muon_momentum, muon_weight_decay):
         """Called once per training step: LR for every group, momentum and weight decay for Muon."""
@@ -107,13 +95,6 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum
                 group["weight_decay"] = muon_weight_decay
-
-    def _scalar(self, name, value, device):
-        if device.type != "cuda":
-            return float(value)
-        if name not in self._scalars:
-            self._scalars[name] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
-        return self._scalars[name].fill_(value)
 
     def _step_adamw(self, group):
         beta1, beta2 = group["betas"]
@@ -126,10 +107,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
             state["step"] += 1
-            s = lambda name, value: self._scalar("adamw_" + name, value, p.device)
-            fn = compiled(adamw_step) if p.device.type == "cuda" else adamw_step
-            fn(p, p.grad, state["exp_avg"], state["exp_avg_sq"], s("step", state["step"]), s("lr", group["lr"]),
-               s("beta1", beta1), s("beta2", beta2), s("eps", group["eps"]), s("wd", group["weight_decay"]))
+            adamw_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                       beta1, beta2, group["eps"], group["weight_decay"])
 
     def _step_muon(self, group):
         params = group["params"]
@@ -147,13 +126,9 @@ class MuonAdamW(torch.optim.Optimizer):
         red_dim = -1 if rows >= cols else -2
         grads = torch.stack([q.grad for q in params]).float()
         stacked = torch.stack(params).float()
-        s = lambda name, value: self._scalar("muon_" + name, value, p.device)
-        cuda = p.device.type == "cuda"
-        fn = compiled(muon_step) if cuda else muon_step
-        fn(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"],
-           s("momentum", group["momentum"]), s("lr", group["lr"] * math.sqrt(max(1.0, rows / cols))),
-           s("wd", group["weight_decay"]), s("beta2", group["beta2"]),
-           group["ns_steps"], red_dim, CUDA_NS_DTYPE if cuda else torch.float32)
+        muon_step(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"], group["momentum"],
+                  group["lr"] * math.sqrt(max(1.0, rows / cols)), group["weight_decay"], group["beta2"],
+                  group["ns_steps"], red_dim, CUDA_NS_DTYPE if p.device.type == "cuda" else torch.float32)
         torch._foreach_copy_(params, list(stacked.unbind(0)))  # casts back to each parameter's dtype
 
     @torch.no_grad()
