@@ -245,18 +245,20 @@ def count_parameters(depth, vocab_size=8192):
 # eager ones.
 # MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, the loss computes the logits of
 # 1/8 of the tokens at a time, and attention keeps no scores (fused on CUDA, recomputed per layer elsewhere).
-# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, peak_vram_mb (= mx.get_peak_memory()) of a
-# 60-second run or of benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
-#   8/16: 16564 (run)   8/32: 25533 (bench)   8/128: 70090 (run)   4/32: 12658 (bench)
-# Fitted: ACT_WIDTHS 30, LOGIT_BYTES 1.5 and a fixed 8.5 GiB; the estimates land 1-7% above these points. The fixed
-# part is there at depth 4 as at depth 8, and was there before the VJPs above (17.9 / 28.9 / 48.7 GB at B 16 / 32 /
-# 64): it is no array of the model's, and is taken to belong to the CUDA build. Metal was not measured (no Mac): it
-# gets the same widths and PyTorch's 1 GiB overhead, plus its attention term. On Metal, MLX runs attention unfused
-# whenever gradients are needed (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while
-# training); train_mlx.py then recomputes it in the backward (mx.checkpoint), so one layer's scores and their
-# gradients exist at a time: 4.5 B*H*T*T elements of the compute dtype at the peak, measured on MLX's CPU build,
-# which runs the same unfused ops (bf16: 9 bytes). The float32 compute of an M1 and of the CPU doubles the widths
-# and the scores.
+# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, MLX_MAX_MB_PER_BUFFER=25 (see
+# bound_mlx_graph_memory), peak_vram_mb (= mx.get_peak_memory()) of a 60-second run or of
+# benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
+#   8/16: 7331 (run)   8/32: 14050 (bench)   8/64: 27800 (bench)   8/128: 55243 (run)   4/32: 4931 (bench)
+# Fitted: ACT_WIDTHS 24, LOGIT_BYTES 4 and no fixed part; the estimates land 5-8% above these points. (MLX's
+# default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16.) MLX's CPU build keeps
+# the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no Mac): it gets the
+# same widths and PyTorch's 1 GiB overhead (its command buffers hold ~40-50 MB each, as the CUDA graphs do at 25 MB),
+# plus its attention term. On Metal, MLX runs attention unfused whenever gradients are needed
+# (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then
+# recomputes it in the backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5
+# B*H*T*T elements of the compute dtype at the peak for a full layer (a windowed one, in chunks, has fewer),
+# measured on MLX's CPU build, which runs the same unfused ops (bf16: 9 bytes). The float32 compute of an M1 and of
+# the CPU doubles the widths and the scores.
 STATE_BYTES = 16
 OVERHEAD_GB = 1.0
 PROFILES = {
@@ -264,8 +266,8 @@ PROFILES = {
     "torch-compiled": (20, 0, False, 2.5, OVERHEAD_GB),  # CUDA: torch.compile fuses softcap + cross-entropy,
                                                          # flash attention keeps no scores
     "torch-eager": (36, 4.5, True, 17, OVERHEAD_GB),     # MPS, CPU
-    "mlx-cuda": (30, 0, False, 1.5, 8.5),                # cuDNN's fused attention, forward and backward
-    "mlx": (30, 9, False, 1.5, OVERHEAD_GB),             # Metal and MLX's CPU build: unfused attention, per layer
+    "mlx-cuda": (24, 0, False, 4, 0.0),                  # cuDNN's fused attention, forward and backward
+    "mlx": (24, 9, False, 4, OVERHEAD_GB),               # Metal and MLX's CPU build: unfused attention, per layer
 }
 
 

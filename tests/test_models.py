@@ -119,6 +119,7 @@ def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
     assert torch.equal(dense.bool(), tiles)
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the CPU window mask
 def test_compiled_blocks_make_one_graph_per_variant():
     # train.py compiles each block on its own (CUDA), and blocks alike share a graph: here (window, value embedding)
     # = (S, none) for layers 0 and 2, (S, ve) and (L, ve): 3 graphs. Layer 0 must not add one of its own, as it
