@@ -9,7 +9,7 @@ Differences from the original, all numerical hygiene, none in the math:
   tensors, which PyTorch's MPS backend gets wrong.
 - Newton-Schulz runs in bf16 only on CUDA (see CUDA_NS_DTYPE).
 - The steps run eagerly everywhere: on CUDA, compiling them took ~30 s at every edit that changes the
-  model's shapes, for ~1% of a step's time.
+  model's shapes (H200), and saved an estimated 1% of a step (~400 small kernels).
 
 The training loop calls set_schedule(...) once per step; it reaches every group.
 """
