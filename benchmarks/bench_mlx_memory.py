@@ -10,6 +10,7 @@ Usage: python benchmarks/bench_mlx_memory.py [--timed N] [DEPTH:BATCH ...]   (de
        e.g. python benchmarks/bench_mlx_memory.py --timed 5 8:16 8:32 8:64 4:32
 """
 
+import argparse
 import os
 import sys
 import time
@@ -57,11 +58,21 @@ def peak_mib_and_tok_per_s(depth, batch, timed):
     return peak, timed * batch * MAX_SEQ_LEN / (time.perf_counter() - t0)
 
 
+def depth_and_batch(text):
+    try:
+        depth, batch = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected DEPTH:BATCH such as 8:16, got {text!r}") from None
+    return depth, batch
+
+
 def main():
-    args = sys.argv[1:]
-    timed = int(args.pop(args.index("--timed") + 1)) if "--timed" in args else 0
-    args = [a for a in args if a != "--timed"]
-    configs = [tuple(int(v) for v in arg.split(":")) for arg in args] or [(2, 1)]
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("configs", nargs="*", type=depth_and_batch, default=[(2, 1)], metavar="DEPTH:BATCH",
+                        help="configurations to measure (default: the CPU tier, 2:1)")
+    parser.add_argument("--timed", type=int, default=0, metavar="N", help="steps timed after the two measured")
+    args = parser.parse_args()
+    configs, timed = args.configs, args.timed
     bound_mlx_graph_memory()  # as the trainer's start does, before the first GPU operation
     print(f"MLX {mx.__version__} on {mx.default_device()} ({train_mlx.HW['chip']}), T={MAX_SEQ_LEN}, vocab {VOCAB_SIZE}"
           f", MLX_MAX_MB_PER_BUFFER={os.environ.get('MLX_MAX_MB_PER_BUFFER', 'unset')}")
