@@ -434,15 +434,18 @@ def keep_compiler_caches(cache_dir):
         os.environ.setdefault("MLX_PTX_CACHE_DIR", os.path.join(cache_dir, "compiled", f"mlx-{mx.__version__}-ptx"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "compiled", "torchinductor"))
 
-MLX_GRAPH_MB = 25  # MLX_MAX_MB_PER_BUFFER on NVIDIA (see below)
+
+MLX_GRAPH_MB = 25  # MLX_MAX_MB_PER_BUFFER off macOS (see below)
 
 
 def bound_mlx_graph_memory():
     """MLX's CUDA build records kernels into CUDA graphs of up to 1000 MB of inputs (on an H100 or H200) and keeps
     every input of a graph alive until the GPU has run it, with up to 11 graphs queued ahead of the GPU
     (mlx/backend/cuda/device.cpp, eval.cpp, transforms.cpp): gigabytes held beyond what the step needs. Smaller
-    graphs free them sooner. MLX reads the variable once, at its first GPU operation: call this before it. Metal
-    keeps its own small command buffers (40-50 MB), so macOS is left alone; a value the user set is kept."""
+    graphs free them sooner, and the GPU starts on them sooner: train_mlx.py's step at depth 8, batch 16 on an H200
+    peaked at 17,342 MiB and ran 604 K tok/s with 1000 MB, 8,521 MiB and 655 K with 100, 7,425 MiB and 660 K with
+    25. MLX reads the variable once, at its first GPU operation: call this before it. Metal keeps its own small
+    command buffers (40-50 MB), so macOS is left alone; a value the user set is kept."""
     if _platform() != "darwin":
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", str(MLX_GRAPH_MB))
 
