@@ -76,8 +76,9 @@ def windowed_attention(q, k, v, window, sdpa, chunk=1024):
     head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], mask="causal")
     chunk = min(chunk, T - window)
     n = -(-(T - window) // chunk)
-    pad = [(0, 0), (0, 0), (0, window + n * chunk - T), (0, 0)]  # a last, shorter chunk is padded to full length
-    q, k, v = (mx.pad(a, pad) for a in (q, k, v))
+    pad = window + n * chunk - T
+    if pad:  # a last, shorter chunk is padded to full length (mx.pad copies even when there is nothing to add)
+        q, k, v = (mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (q, k, v))
     qc = q[:, :, window:].reshape(B, H, n, chunk, D).swapaxes(1, 2).reshape(B * n, H, chunk, D)
     kc, vc = (mx.stack([a[:, :, i * chunk:i * chunk + window + chunk] for i in range(n)], axis=1)
               .reshape(B * n, H, window + chunk, D) for a in (k, v))
