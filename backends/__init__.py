@@ -233,7 +233,8 @@ def count_parameters(depth, vocab_size=8192):
 #                 attention scores where the backend materialises them: every layer's for eager PyTorch (MPS: SDPA's
 #                 backward takes the math path, upcast to fp32), one layer's at a time for MLX on Metal and CPU
 #   logits      = B*T * V * LOGIT_BYTES       lm_head output, fp32 copy, softcap, log-softmax and their grads
-#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (MLX's CUDA build: more)
+#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (none measured for
+#                                            MLX's CUDA build)
 # PyTorch. Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the
 # original GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
 #   compiled, flash attention, bf16 (the original's setup)   8/64: 22.26   8/128: 43.94   4/128: 14.08

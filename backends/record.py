@@ -90,8 +90,8 @@ def git_state(folder):
     return head.strip(), (_git(folder, "status", "--porcelain") or "").splitlines()
 
 
-def format_line(key, value, fmt="s"):
-    return f"{key + ':':<18}{value:{fmt}}"
+def format_line(key, value):
+    return f"{key + ':':<18}{value}"
 
 
 class Run:

@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import time
-from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,19 +41,23 @@ def peak_mib_and_tok_per_s(depth, batch, timed):
     optimizer_step = mx.compile(lambda grads: optimizer.update(model, grads), inputs=state, outputs=state)
     x, y = (mx.random.randint(0, VOCAB_SIZE, (batch, MAX_SEQ_LEN)) for _ in range(2))
     mx.eval(model.parameters(), x, y)
-    mx.reset_peak_memory()
-    for step in range(2 + timed):
-        if step == 2:
-            peak = mx.get_peak_memory() / 2**20
-            t0 = time.perf_counter()
+
+    def step():
         loss, grads = grad_step(x, y)
         mx.eval(loss, grads)
         optimizer.set_schedule(1.0, 0.85, 0.2)
         optimizer_step(tree_map(lambda g: g / 2, grads))  # the trainer divides by its accumulation steps
         mx.eval(model.state, optimizer.state)
-        del grads
+
+    mx.reset_peak_memory()
+    for _ in range(2):
+        step()
+    peak = mx.get_peak_memory() / 2**20
     if not timed:
-        return mx.get_peak_memory() / 2**20, None
+        return peak, None
+    t0 = time.perf_counter()
+    for _ in range(timed):
+        step()
     return peak, timed * batch * MAX_SEQ_LEN / (time.perf_counter() - t0)
 
 
