@@ -76,15 +76,19 @@ def windowed_attention(q, k, v, window, sdpa, chunk=1024):
     head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], mask="causal")
     chunk = min(chunk, T - window)
     n = -(-(T - window) // chunk)
-    pad = window + n * chunk - T
-    if pad:  # a last, shorter chunk is padded to full length (mx.pad copies even when there is nothing to add)
-        q, k, v = (mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (q, k, v))
-    qc = q[:, :, window:].reshape(B, H, n, chunk, D).swapaxes(1, 2).reshape(B * n, H, chunk, D)
-    kc, vc = (mx.stack([a[:, :, i * chunk:i * chunk + window + chunk] for i in range(n)], axis=1)
-              .reshape(B * n, H, window + chunk, D) for a in (k, v))
-    tail = sdpa(qc, kc, vc, mask=band_mask(chunk, window, q.dtype))
-    tail = tail.reshape(B, n, H, chunk, D).swapaxes(1, 2).reshape(B, H, n * chunk, D)[:, :, :T - window]
-    return mx.concatenate([head, tail], axis=2)
+    if n == 1:  # one chunk (T=2048 at window T/2) sees every key: slices, where stacking would copy q, k and v
+        tail = sdpa(q[:, :, window:], k, v, mask=band_mask(chunk, window, q.dtype))
+    else:
+        pad = window + n * chunk - T
+        if pad:  # a last, shorter chunk is padded to full length (mx.pad copies even when there is nothing to add)
+            q, k, v = (mx.pad(a, [(0, 0), (0, 0), (0, pad), (0, 0)]) for a in (q, k, v))
+        qc = q[:, :, window:].reshape(B, H, n, chunk, D).swapaxes(1, 2).reshape(B * n, H, chunk, D)
+        kc, vc = (mx.stack([a[:, :, i * chunk:i * chunk + window + chunk] for i in range(n)], axis=1)
+                  .reshape(B * n, H, window + chunk, D) for a in (k, v))
+        tail = sdpa(qc, kc, vc, mask=band_mask(chunk, window, q.dtype))
+        tail = tail.reshape(B, n, H, chunk, D).swapaxes(1, 2).reshape(B, H, n * chunk, D)[:, :, :T - window]
+    # joined in (B, T, H, D) order, the order the caller turns the output back to: one copy, not two
+    return mx.concatenate([head.swapaxes(1, 2), tail.swapaxes(1, 2)], axis=1).swapaxes(1, 2)
 
 
 def attention(q, k, v, window):
@@ -168,7 +172,8 @@ def lm_head_cross_entropy_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def relu_squared(x):
-    return mx.square(nn.relu(x))
+    # relu(x)^2, written so that mx.compile makes it one kernel (square(relu(x)) compiles to two)
+    return mx.where(x > 0, x * x, 0)
 
 
 @relu_squared.vjp
@@ -222,9 +227,11 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * mx.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + mx.expand_dims(gate, -1) * ve
 
-        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        q, k = norm(rope(q)), norm(rope(k))
-        y = attention(q, k, v, window)
+        # q, k and v stay in the projections' (B, T, H, D) memory, seen as (B, H, T, D) where a function wants the
+        # sequence axis second to last: rope and the attention take such views, and the attention's output follows
+        # q's memory order, so the reshape back to (B, T, C) copies nothing. rms_norm would copy a (B, H, T, D) view.
+        q, k = (norm(rope(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (q, k))
+        y = attention(q, k, v.transpose(0, 2, 1, 3), window)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y)
 

@@ -241,11 +241,16 @@ def test_mlx_attention_equals_the_masked_fused_call_forward_and_backward(window)
 
 @pytest.mark.parametrize("T,window,chunk", [(64, 20, 8), (64, 20, 44), (64, 31, 5), (40, 7, 3), (64, 1, 8),
                                             (64, 62, 4)])
-def test_mlx_windowed_attention_in_chunks_is_exact(T, window, chunk):
-    # Chunks that divide the queries after the window and chunks that leave a padded last one, windows from 1 to
-    # T - 2: the same values and gradients as the masked call over all pairs.
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])
+def test_mlx_windowed_attention_in_chunks_is_exact(T, window, chunk, layout):
+    # Chunks that divide the queries after the window and chunks that leave a padded last one (a single chunk too),
+    # windows from 1 to T - 2, inputs contiguous or (as the model passes them) (B, H, T, D) views of (B, T, H, D)
+    # memory: the same values and gradients as the masked call over all pairs.
     rng = np.random.default_rng(1)
-    q, k, v, weights = (mx.array(rng.normal(size=(2, 3, T, 16)), mx.float32) for _ in range(4))
+    shape = (2, 3, T, 16) if layout == "BHTD" else (2, T, 3, 16)
+    q, k, v, weights = (mx.array(rng.normal(size=shape), mx.float32) for _ in range(4))
+    if layout == "BTHD":
+        q, k, v, weights = (a.transpose(0, 2, 1, 3) for a in (q, k, v, weights))
     sdpa = lambda q, k, v, mask: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
     mask = window_softmax_mask(T, window)
     full = lambda q, k, v: (sdpa(q, k, v, mask) * weights).sum()
