@@ -124,18 +124,23 @@ def test_mlx_gpu_gradients_match_mlx_cpu():
 
 @needs_mlx_gpu
 @pytest.mark.parametrize("chunk", [1024, 80])  # the trainer's (one chunk here), and three chunks, the last padded
-def test_mlx_gpu_windowed_attention_in_bf16_matches_the_masked_softmax(chunk):
-    # bf16 at head dim 128 takes the GPU's fused kernels (cuDNN on CUDA): a causal call and a masked chunked one.
-    # Reference: the plain masked softmax in float32 on the CPU, forward and backward.
+@pytest.mark.parametrize("layout", ["BHTD", "BTHD"])  # contiguous, or (B, H, T, D) views of (B, T, H, D) memory
+def test_mlx_gpu_windowed_attention_in_bf16_matches_the_masked_softmax(chunk, layout):
+    # bf16 at head dim 128 takes the GPU's fused kernels (cuDNN on CUDA): a causal call and a masked chunked one,
+    # with q, k, v as the model passes them too. Reference: the plain masked softmax in float32 on the CPU, forward
+    # and backward.
     T, window = 256, 64
     rng = np.random.default_rng(0)
     q, k, v, w = (rng.normal(size=(2, 2, T, 128)).astype(np.float32) for _ in range(4))
+    if layout == "BTHD":  # stored (B, T, H, D), seen as (B, H, T, D) after the cast
+        q, k, v = (a.transpose(0, 2, 1, 3).copy() for a in (q, k, v))
+    view = (lambda a: a) if layout == "BHTD" else (lambda a: a.transpose(0, 2, 1, 3))
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
     mask = mx.array(np.where((i - j >= 0) & (i - j <= window), 0.0, -np.inf), mx.float32)
     sdpa = lambda *a, **kw: mx.fast.scaled_dot_product_attention(*a, scale=128**-0.5, **kw)
 
     def loss(fn, dtype, q, k, v):
-        return (fn(*(a.astype(dtype) for a in (q, k, v))).astype(mx.float32) * mx.array(w)).sum()
+        return (fn(*(view(a.astype(dtype)) for a in (q, k, v))).astype(mx.float32) * mx.array(w)).sum()
 
     results = {}
     for device, dtype, fn in ((mx.gpu, mx.bfloat16, lambda q, k, v: train_mlx.windowed_attention(
@@ -143,7 +148,7 @@ def test_mlx_gpu_windowed_attention_in_bf16_matches_the_masked_softmax(chunk):
                               (mx.cpu, mx.float32, lambda q, k, v: sdpa(q, k, v, mask=mask))):
         with mx.stream(device):
             arrays = [mx.array(a) for a in (q, k, v)]
-            out = fn(*(a.astype(dtype) for a in arrays)).astype(mx.float32)
+            out = fn(*(view(a.astype(dtype)) for a in arrays)).astype(mx.float32)
             grads = mx.grad(lambda *a: loss(fn, dtype, *a), argnums=(0, 1, 2))(*arrays)
             results[device] = [np.array(a) for a in (out, *grads)]
     for got, expected in zip(results[mx.gpu], results[mx.cpu]):
