@@ -251,12 +251,12 @@ def count_parameters(depth, vocab_size=8192):
 # benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
 #   8/16: 7331 (run)   8/32: 14050 (bench)   8/64: 27800 (bench)   8/128: 55243 (run)   4/32: 4931 (bench)
 # Fitted: ACT_WIDTHS 24, LOGIT_BYTES 4 and no fixed part; the estimates land 5-8% above these points. Since then
-# train_mlx.py copies no transposes of q, k, v and relu^2 keeps nothing but its input: the runs peak at 6691 (8/16) and 50123
-# (8/128), 16-19% below the estimates (the bench points were not measured again; the fit was left as it was). (MLX's
-# default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16.) MLX's CPU build keeps
-# the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no Mac): it gets the
-# same widths and PyTorch's 1 GiB overhead (its command buffers hold ~40-50 MB each, as the CUDA graphs do at 25 MB),
-# plus its attention term. On Metal, MLX runs attention unfused whenever gradients are needed
+# train_mlx.py copies no transposes of q, k, v and relu^2 keeps nothing but its input: the runs peak at 6691 (8/16)
+# and 50123 (8/128), 16-19% below the estimates (the bench points were not measured again; the fit was left as it
+# was). MLX's default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16. MLX's CPU
+# build keeps the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no Mac): it
+# gets the same widths and PyTorch's 1 GiB overhead (its command buffers hold ~40-50 MB each, as the CUDA graphs do
+# at 25 MB), plus its attention term. On Metal, MLX runs attention unfused whenever gradients are needed
 # (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then
 # recomputes it in the backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5
 # B*H*T*T elements of the compute dtype at the peak for a full layer (a windowed one, in chunks, has fewer),
