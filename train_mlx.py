@@ -227,11 +227,14 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * mx.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + mx.expand_dims(gate, -1) * ve
 
-        # q, k and v stay in the projections' (B, T, H, D) memory, seen as (B, H, T, D) where a function wants the
-        # sequence axis second to last: rope and the attention take such views, and the attention's output follows
-        # q's memory order, so the reshape back to (B, T, C) copies nothing. rms_norm would copy a (B, H, T, D) view.
-        q, k = (norm(rope(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (q, k))
-        y = attention(q, k, v.transpose(0, 2, 1, 3), window)
+        # q, k and v stay in the projections' (B, T, H, D) memory: rope takes a (B, H, T, D) view (it wants the
+        # sequence axis second to last) and keeps its memory order, rms_norm reads (B, T, H, D) rows as they are (it
+        # would copy a (B, H, T, D) view), and the attention takes (B, H, T, D) views and returns its output in q's
+        # memory order, so the reshape back to (B, T, C) copies nothing.
+        q, k = (rope(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (q, k))
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        y = attention(q, k, v, window)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         return self.c_proj(y)
 
