@@ -44,8 +44,8 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
 
 
 def newton_schulz_dtype():
-    """bf16 on MLX's CUDA build, as the original on CUDA (tensor cores, and the iteration tolerates it there).
-    float32 on Metal, where bf16 Newton-Schulz produced NaNs in another MLX port, and on the CPU (no fast bf16 matmul)."""
+    """bf16 on MLX's CUDA build, as the original on CUDA (tensor cores; the iteration tolerates it there). float32
+    on Metal, where bf16 Newton-Schulz produced NaNs in another MLX port, and on the CPU (no fast bf16 matmul)."""
     cuda = mx.default_device() == mx.gpu and not mx.metal.is_available()
     return mx.bfloat16 if cuda else mx.float32
 

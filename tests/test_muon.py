@@ -280,7 +280,6 @@ def test_mlx_bf16_params_stay_bf16_and_state_is_float32():
     assert_bf16_matches_reference(history, params, grads)
 
 
-
 def test_mlx_bf16_newton_schulz_stays_near_the_float64_step(monkeypatch):
     # MLX's CUDA build iterates Newton-Schulz in bf16 (newton_schulz_dtype), as the original does on CUDA. CI has no
     # GPU, so the CPU takes that path here: each Muon step must stay near the float64 reference, and be further from it
