@@ -160,8 +160,12 @@ def lm_head_cross_entropy_vjp(primals, cotangent, output):
     for xc, tc, gc, lc in zip(*(chunks(a, n_chunks) for a in (x, targets, cotangent, output))):
         if grad_x:
             xc, tc, gc, lc = mx.depends([xc, tc, gc, lc], [grad_x[-1], grad_w])
-        t = mx.tanh((xc @ w.T).astype(mx.float32) / softcap)
-        log_sum_exp = lc + softcap * mx.take_along_axis(t, tc[:, None], axis=-1)[:, 0]
+        logits = xc @ w.T
+        # the target's capped logit from its gathered logit: a gather from t would make mx.compile write all of t
+        # out in float32 and read it back; this way t exists only inside the one fused kernel that makes `grad`
+        target_logit = mx.take_along_axis(logits, tc[:, None], axis=-1)[:, 0].astype(mx.float32)
+        log_sum_exp = lc + softcap * mx.tanh(target_logit / softcap)
+        t = mx.tanh(logits.astype(mx.float32) / softcap)
         onehot = mx.arange(w.shape[0]) == tc[:, None]
         grad = gc[:, None] * (mx.exp(softcap * t - log_sum_exp[:, None]) - onehot) * (1 - t * t)
         grad = grad.astype(x.dtype)
