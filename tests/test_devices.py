@@ -159,9 +159,9 @@ def test_mlx_gpu_windowed_attention_in_bf16_matches_the_masked_softmax(chunk, la
 
 @needs_mlx_gpu
 def test_mlx_gpu_muon_step_matches_mlx_cpu():
-    # MLX's CUDA build iterates Newton-Schulz in bf16 (the original's choice on CUDA), Metal and the CPU in float32:
-    # the GPU's update must be the CPU's float32 update up to that rounding, for a tall and a wide group. bf16 moves
-    # the update of these random matrices by ~5% (the torch port on the CPU, bf16 against float32: 4.7-5.2%).
+    # The GPU's Muon update must be the CPU's, for a tall and a wide group: float32 on both (MLX's CUDA build runs
+    # float32 matrix products as TF32, which moves these Newton-Schulz outputs by ~0.4%, emulated on the CPU; a bf16
+    # iteration would move them ~5%).
     rng = np.random.default_rng(0)
     shapes = {"tall": (256, 64), "wide": (64, 256)}
     params = {f"{kind}{i}": 0.05 * rng.normal(size=shape).astype(np.float32) for kind, shape in shapes.items()
@@ -179,4 +179,4 @@ def test_mlx_gpu_muon_step_matches_mlx_cpu():
             updates[device] = {name: np.array(p) - params[name] for name, p in tree_flatten(model.parameters())}
     for name, expected in updates[mx.cpu].items():
         error = np.linalg.norm(updates[mx.gpu][name] - expected)
-        assert error <= 1e-1 * np.linalg.norm(expected), (name, error, np.linalg.norm(expected))
+        assert error <= 1e-2 * np.linalg.norm(expected), (name, error, np.linalg.norm(expected))

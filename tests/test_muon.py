@@ -5,8 +5,7 @@ MuonAdamW contracts, for both backends/muon_mps.py (PyTorch) and backends/muon_m
   each AdamW group kind, over one step and over several steps with a changing schedule;
 - PyTorch and MLX agree with each other to the same tolerance;
 - set_schedule reaches every group; a compiled MLX step sees it and equals the uncompiled one;
-- parameters keep their dtype (bf16 stays bf16) while optimizer state is float32;
-- MLX's bf16 Newton-Schulz (its CUDA path) stays near the reference, by bf16 rounding.
+- parameters keep their dtype (bf16 stays bf16) while optimizer state is float32.
 """
 
 from functools import partial
@@ -279,22 +278,6 @@ def test_mlx_bf16_params_stay_bf16_and_state_is_float32():
         assert value.dtype == mx.float32, path
     assert_bf16_matches_reference(history, params, grads)
 
-
-def test_mlx_bf16_newton_schulz_stays_near_the_float64_step(monkeypatch):
-    # MLX's CUDA build iterates Newton-Schulz in bf16 (newton_schulz_dtype), as the original does on CUDA. CI has no
-    # GPU, so the CPU takes that path here: each Muon step must stay near the float64 reference, and be further from it
-    # than float32 rounding (the bf16 path was taken). bf16 moves these steps by 9-12% (Frobenius norm) on MLX's CPU;
-    # the parameters and the state stay float32.
-    monkeypatch.setattr(muon_mlx, "newton_schulz_dtype", lambda: mx.bfloat16)
-    params, grads = make_problem(1)
-    want = run_reference(params, grads, None)[0]
-    history, model, opt = run_mlx(params, grads, None)
-    muon_names = [name for hyper, named in GROUPS if hyper["kind"] == "muon" for name in named]
-    for k in muon_names:
-        start = params[k].astype(np.float64)
-        error = np.linalg.norm((history[0][k] - start) - (want[k] - start)) / np.linalg.norm(want[k] - start)
-        assert 1e-3 < error <= 0.2, (k, error)
-    assert all(v.dtype == mx.float32 for _, v in tree_flatten([model.parameters(), opt.state]))
 
 def test_mlx_checks_every_parameter_is_in_exactly_one_group():
     params, _ = make_problem(1)
