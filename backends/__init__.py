@@ -233,8 +233,8 @@ def count_parameters(depth, vocab_size=8192):
 #                 attention scores where the backend materialises them: every layer's for eager PyTorch (MPS: SDPA's
 #                 backward takes the math path, upcast to fp32), one layer's at a time for MLX on Metal and CPU
 #   logits      = B*T * V * LOGIT_BYTES       lm_head output, fp32 copy, softcap, log-softmax and their grads
-#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (none measured for
-#                                            MLX's CUDA build)
+#   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (for MLX's CUDA
+#                                            build: the inputs its queued CUDA graphs hold)
 # PyTorch. Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the
 # original GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
 #   compiled, flash attention, bf16 (the original's setup)   8/64: 22.26   8/128: 43.94   4/128: 14.08
@@ -244,19 +244,19 @@ def count_parameters(depth, vocab_size=8192):
 #   eager, flash attention, bf16 (no scores kept)            8/16: 11.55   8/32: 22.54    4/16: 5.94
 # Fitted by depth and batch, then rounded up: estimates land 6-15% above the compiled points and 6-34% above the
 # eager ones.
-# MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, the loss computes the logits of
-# 1/8 of the tokens at a time, and attention keeps no scores (fused on CUDA, recomputed per layer elsewhere).
-# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, MLX_MAX_MB_PER_BUFFER=25 (see
+# MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, the loss keeps the logits in the
+# compute dtype and makes their float32 softcap for 1/8 of the tokens at a time, and attention keeps no scores
+# (fused on CUDA, recomputed per layer elsewhere).
+# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, MLX_MAX_MB_PER_BUFFER=100 (see
 # bound_mlx_graph_memory), peak_vram_mb (= mx.get_peak_memory()) of a 60-second run or of
 # benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
-#   8/16: 7331 (run)   8/32: 14050 (bench)   8/64: 27800 (bench)   8/128: 55243 (run)   4/32: 4931 (bench)
-# Fitted: ACT_WIDTHS 24, LOGIT_BYTES 4 and no fixed part; the estimates land 5-8% above these points. Since then
-# train_mlx.py copies no transposes of q, k, v and relu^2 keeps nothing but its input: the runs peak at 6691 (8/16)
-# and 50123 (8/128), 16-19% below the estimates (the bench points were not measured again; the fit was left as it
-# was). MLX's default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16. MLX's CPU
-# build keeps the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no Mac): it
-# gets the same widths and PyTorch's 1 GiB overhead (its command buffers hold ~40-50 MB each, as the CUDA graphs do
-# at 25 MB), plus its attention term. On Metal, MLX runs attention unfused whenever gradients are needed
+#   8/16: 7616 (run)   8/32: 13762 (bench)   8/64: 26255 (bench)   8/128: 52161 (run)   4/32: 5886 (bench)
+# Fitted: ACT_WIDTHS 24, LOGIT_BYTES 4, and 1 GiB for what the queued CUDA graphs hold (at 25 MB a graph, the step
+# peaked 676 MiB lower at 8/16; without it the 4/32 point lies above its estimate); the estimates land 7-18% above
+# these points. MLX's default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16.
+# MLX's CPU build keeps the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no
+# Mac): it gets the same widths and the same 1 GiB overhead (its command buffers hold ~40-50 MB each), plus its
+# attention term. On Metal, MLX runs attention unfused whenever gradients are needed
 # (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then
 # recomputes it in the backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5
 # B*H*T*T elements of the compute dtype at the peak for a full layer (a windowed one, in chunks, has fewer),
@@ -269,7 +269,7 @@ PROFILES = {
     "torch-compiled": (20, 0, False, 2.5, OVERHEAD_GB),  # CUDA: torch.compile fuses softcap + cross-entropy,
                                                          # flash attention keeps no scores
     "torch-eager": (36, 4.5, True, 17, OVERHEAD_GB),     # MPS, CPU
-    "mlx-cuda": (24, 0, False, 4, 0.0),                  # cuDNN's fused attention, forward and backward
+    "mlx-cuda": (24, 0, False, 4, OVERHEAD_GB),          # cuDNN's fused attention, forward and backward
     "mlx": (24, 9, False, 4, OVERHEAD_GB),               # Metal and MLX's CPU build: unfused attention, per layer
 }
 
@@ -438,17 +438,19 @@ def keep_compiler_caches(cache_dir):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "compiled", "torchinductor"))
 
 
-MLX_GRAPH_MB = 25  # MLX_MAX_MB_PER_BUFFER off macOS (see below)
+MLX_GRAPH_MB = 100  # MLX_MAX_MB_PER_BUFFER off macOS (see below)
 
 
 def bound_mlx_graph_memory():
     """MLX's CUDA build records kernels into CUDA graphs of up to 1000 MB of inputs (on an H100 or H200) and keeps
     every input of a graph alive until the GPU has run it, with up to 11 graphs queued ahead of the GPU
     (mlx/backend/cuda/device.cpp, eval.cpp, transforms.cpp): gigabytes held beyond what the step needs. Smaller
-    graphs free them sooner, and the GPU starts on them sooner: train_mlx.py's step at depth 8, batch 16 on an H200
-    peaked at 17,342 MiB and ran 604 K tok/s with 1000 MB, 8,521 MiB and 655 K with 100, 7,425 MiB and 660 K with
-    25. MLX reads the variable once, at its first GPU operation: call this before it. Metal keeps its own small
-    command buffers (40-50 MB), so macOS is left alone; a value the user set is kept."""
+    graphs free them sooner: train_mlx.py's step at depth 8, batch 16 on an H200 peaked at 17,342 MiB with 1000 MB
+    (an earlier version of the step). Today's step there, best of 3 x 40 steps: 42.2-42.5 ms and 7,616 MiB with
+    100 MB, 44.6-44.8 ms and 6,940 MiB with 25 (more, smaller graphs: more host work for each step, which the GPU
+    waits for at this batch), 43.8 ms and 8,525 MiB with 200. MLX reads the variable once, at its first GPU
+    operation: call this before it. Metal keeps its own small command buffers (40-50 MB), so macOS is left alone; a
+    value the user set is kept."""
     if _platform() != "darwin":
         os.environ.setdefault("MLX_MAX_MB_PER_BUFFER", str(MLX_GRAPH_MB))
 

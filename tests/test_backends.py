@@ -316,11 +316,11 @@ CALIBRATION = [
     ("mps", 8, 16, 22.59, 1.35),    # eager, math-path attention, fp32: what MPS does on an M1
     ("mps", 8, 8, 11.61, 1.35),
     ("mps", 4, 8, 4.46, 1.35),
-    ("mlx-cuda", 8, 16, 6691 / 1024, 1.25),  # MLX's CUDA build on an H200: peak_vram_mb of 60-second runs...
-    ("mlx-cuda", 8, 128, 50123 / 1024, 1.25),
-    ("mlx-cuda", 8, 32, 14050 / 1024, 1.25),  # ...and of benchmarks/bench_mlx_memory.py (before a 9% cut)
-    ("mlx-cuda", 8, 64, 27800 / 1024, 1.25),
-    ("mlx-cuda", 4, 32, 4931 / 1024, 1.25),
+    ("mlx-cuda", 8, 16, 7615.5 / 1024, 1.25),  # MLX's CUDA build on an H200: peak_vram_mb of 60-second runs...
+    ("mlx-cuda", 8, 128, 52161.0 / 1024, 1.25),
+    ("mlx-cuda", 8, 32, 13762.4 / 1024, 1.25),  # ...and of benchmarks/bench_mlx_memory.py
+    ("mlx-cuda", 8, 64, 26254.6 / 1024, 1.25),
+    ("mlx-cuda", 4, 32, 5886.3 / 1024, 1.25),
 ]
 MLX_ON_CUDA = {"tier": "cuda", "memory_gb": 140.4, "backend": "mlx"}
 
