@@ -119,6 +119,17 @@ def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
     assert torch.equal(dense.bool(), tiles)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_is_the_originals_slice_and_cat_rotation_bit_for_bit(dtype):
+    # train.py writes RoPE with roll (its compiled backward builds far faster); the values must be the original's.
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 3, 32).to(dtype)
+    cos, sin = (t.to(dtype) for t in train.GPT(train.GPTConfig(**TINY))._precompute_rotary_embeddings(50, 32))
+    x1, x2 = x[..., :16], x[..., 16:]
+    original = torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3)
+    assert torch.equal(train.apply_rotary_emb(x, cos, sin), original)
+
+
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the CPU window mask
 def test_compiled_blocks_make_one_graph_per_variant():
     # train.py compiles each block on its own (CUDA), and blocks alike share a graph: here (window, value embedding)
