@@ -804,7 +804,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 last_evaluation = {}  # rows and distinct_rows of the latest evaluate_bpb: the summary warns when they differ
 
 
-def evaluate_bpb(model, tokenizer, batch_size):
+def evaluate_bpb(model, tokenizer, batch_size, reuse_compiled=False):
     """
     Bits per byte (BPB): vocab size-independent evaluation metric.
     Sums per-token cross-entropy (in nats), sums target byte lengths,
@@ -817,19 +817,26 @@ def evaluate_bpb(model, tokenizer, batch_size):
     the shard's documents filled before one had to be used again: every document placed in a row starts with BOS,
     so a row past that point holds more document starts than the shard has documents. (The loader's epoch cannot
     tell: its buffer reads up to 1000 documents ahead, so a shard of fewer documents reports epoch 2 at once.)
+    reuse_compiled (PyTorch): call the model as the training loop does, with all batch_size rows of a batch (the last
+    batch too) and autograd on, and detach its losses. Graphs that torch.compile built for training then serve the
+    evaluation: under no_grad, or for another number of rows, it would compile every one of them again. The model
+    must then keep its logits' memory in bounds itself, as a compiled head does; the 1 GiB split is for eager ones.
     """
     token_bytes = get_token_bytes()
     num_rows = EVAL_TOKENS // MAX_SEQ_LEN
     # a 24 GB Mac's Metal buffer limit is ~14 GB: never hold more than ~1 GiB of float32 logits
-    chunk_rows = max(1, 2**30 // (MAX_SEQ_LEN * tokenizer.get_vocab_size() * 4))
+    chunk_rows = batch_size if reuse_compiled else max(1, 2**30 // (MAX_SEQ_LEN * tokenizer.get_vocab_size() * 4))
     torch = sys.modules.get("torch")  # an MLX user may not have torch installed: never import it here
     if torch is not None and isinstance(model, torch.nn.Module):
         device = next(model.parameters()).device
+        grad_mode = torch.enable_grad if reuse_compiled else torch.no_grad
 
         def losses(x, y):
-            with torch.no_grad():
+            with grad_mode():
                 loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="none")
-            return loss.float().cpu().numpy()
+            return loss.detach().float().cpu().numpy()
+    elif reuse_compiled:
+        raise ValueError("reuse_compiled is for PyTorch models: MLX's evaluation keeps the 1 GiB split")
     else:
         import mlx.core as mx
 
@@ -856,7 +863,9 @@ def evaluate_bpb(model, tokenizer, batch_size):
         documents_used = int(used[-1])
         for i in range(0, rows, chunk_rows):
             xc, yc = x[i:min(i + chunk_rows, rows)], y[i:min(i + chunk_rows, rows)]
-            loss = losses(xc, yc).reshape(yc.shape).astype(np.float64)
+            # a compiled model sees every row of the batch: fewer would be a new shape to compile
+            loss = losses(x, y) if reuse_compiled else losses(xc, yc)
+            loss = loss.reshape(-1, yc.shape[1])[:len(yc)].astype(np.float64)
             nbytes = token_bytes[yc]
             total_nats += float(loss[nbytes > 0].sum())
             total_bytes += int(nbytes.sum())

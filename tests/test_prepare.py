@@ -704,10 +704,11 @@ def torch_model():
             super().__init__()
             self.table = torch.nn.Parameter(torch.from_numpy(loss_table()))
             self.calls = []
+            self.autograd = False  # what evaluate_bpb must call it with
 
         def forward(self, x, y, reduction="mean"):
             assert reduction == "none" and x.dtype == y.dtype == torch.int64
-            assert x.device == self.table.device and not torch.is_grad_enabled()
+            assert x.device == self.table.device and torch.is_grad_enabled() == self.autograd
             self.calls.append(x.shape[0])
             return self.table[y].view(-1)  # flat, like the original's cross_entropy(..., reduction='none')
 
@@ -728,6 +729,21 @@ def test_bpb_splits_batches_to_bound_logit_memory(tokenizer, torch_model, monkey
     assert torch_model.calls == [16, 4]  # 16 rows x 2048 x 8192 x 4 bytes = 1 GiB of logits at most
     assert bpb == prepare.evaluate_bpb(torch_model, tokenizer, 20)  # deterministic, to the last bit
     assert bpb == pytest.approx(expected_bpb(tokenizer, 20), rel=1e-12)
+
+
+def test_bpb_reusing_compiled_graphs_calls_the_model_as_training_does(tokenizer, torch_model, monkeypatch):
+    # train.py on CUDA: every call gets all batch_size rows, the last batch's too, with autograd on (a torch.compile
+    # graph built for training then serves it); the rows past EVAL_TOKENS are left out, so the number is the same.
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 5 * prepare.MAX_SEQ_LEN)
+    torch_model.autograd = True
+    bpb = prepare.evaluate_bpb(torch_model, tokenizer, 3, reuse_compiled=True)
+    assert torch_model.calls == [3, 3]
+    assert bpb == pytest.approx(expected_bpb(tokenizer, 5), rel=1e-12)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 20 * prepare.MAX_SEQ_LEN)
+    torch_model.calls.clear()
+    assert prepare.evaluate_bpb(torch_model, tokenizer, 20, reuse_compiled=True) == pytest.approx(
+        expected_bpb(tokenizer, 20), rel=1e-12)
+    assert torch_model.calls == [20]  # no 1 GiB split: a compiled head bounds its logits itself
 
 
 def document_starts_per_row(tokenizer, num_rows):
@@ -775,6 +791,8 @@ def test_bpb_for_an_mlx_model_matches_torch(tokenizer, torch_model, monkeypatch)
     bpb = prepare.evaluate_bpb(TableModel(), tokenizer, 2)
     assert bpb == prepare.evaluate_bpb(torch_model, tokenizer, 2)
     assert bpb == pytest.approx(expected_bpb(tokenizer, 3), rel=1e-12)
+    with pytest.raises(ValueError, match="reuse_compiled is for PyTorch models"):
+        prepare.evaluate_bpb(TableModel(), tokenizer, 2, reuse_compiled=True)
 
 
 def test_bpb_for_an_mlx_model_never_imports_torch(prepared_cache):
