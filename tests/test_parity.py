@@ -269,3 +269,25 @@ def test_evaluate_bpb_ignores_batch_size_and_is_deterministic(eval_setup):
     values = [prepare.evaluate_bpb(tm, tokenizer, bs) for bs in (1, 3, 8)]
     assert max(values) - min(values) <= 1e-6 * values[0], values
     assert prepare.evaluate_bpb(tm, tokenizer, 3) == prepare.evaluate_bpb(tm, tokenizer, 3)
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the CPU window mask
+def test_evaluate_bpb_runs_through_the_training_graphs_of_train_pys_compiled_model(eval_setup):
+    # train.py on CUDA compiles each block and the head for training, then evaluates with reuse_compiled: only the
+    # head compiles again (per-token losses), even with a last batch of fewer rows, and the number is the eager one.
+    from torch._dynamo.utils import counters
+    tokenizer, tm, _ = eval_setup
+    eager = prepare.evaluate_bpb(tm, tokenizer, 4)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in tm.transformer.h:
+        block.compile(backend="aot_eager", dynamic=False)
+    tm.head = torch.compile(tm.head, backend="aot_eager", dynamic=False)
+    x, y, _ = next(prepare.make_dataloader(tokenizer, 4, prepare.MAX_SEQ_LEN, "train"))
+    tm(torch.from_numpy(x), torch.from_numpy(y)).backward()
+    assert counters["stats"]["unique_graphs"] == 3  # (S, no value embedding), (L, value embedding), the head
+    tm.eval()
+    compiled = prepare.evaluate_bpb(tm, tokenizer, 4, reuse_compiled=True)  # 6 rows: batches of 4 and 2
+    assert counters["stats"]["unique_graphs"] == 4
+    assert compiled == pytest.approx(eager, rel=1e-6)
+    torch._dynamo.reset()
