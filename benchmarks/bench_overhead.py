@@ -57,8 +57,9 @@ def main():
     caches = os.path.join(work, "caches")
     print(f"{os.path.basename(trainer)}, budget {args.budget} s, caches in {caches}")
     if sys.flags.dont_write_bytecode:  # the trainers inherit it
-        print("note: PYTHONDONTWRITEBYTECODE is set, so every run compiles torch's compiler modules from source, which a "
-              "venv keeping its .pyc files does once (2-core Linux: importing torch._dynamo and torch._inductor took 13.6 s so, 3.4 s with .pyc)")
+        print("note: PYTHONDONTWRITEBYTECODE is set, so every run compiles torch's compiler modules from source, "
+              "which a venv keeping its .pyc files does once (2-core Linux: importing torch._dynamo and "
+              "torch._inductor took 13.6 s without .pyc files, 3.4 s with them)")
     print(f"{'run':8s} {'overhead':>8s} {'startup':>8s} {'eval':>6s} {'training':>8s} {'total':>7s} {'mfu%':>6s} "
           f"{'steps':>5s} {'peak_vram_mb':>12s}")
     for name, path in (("first", trainer), ("again", trainer), ("edited", edited)):
