@@ -38,6 +38,7 @@ COMMANDS = {
     "uv sync --extra mlx": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra mps": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra all": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --extra mps --compile-bytecode": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --locked --extra all": (".ci/run",),
     "uv run prepare.py": ("tests/conftest.py::prepared_cache",),
     "uv run prepare.py --source ~/corpus": ("tests/test_prepare.py::test_source_cli_builds_a_working_cache",),
@@ -174,8 +175,8 @@ def test_install_commands_resolve_from_the_lockfile():
     uv = os.environ.get("UV") or shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not on PATH here: the README's install commands cannot be dry-run")
-    installs = [c for c in doc_commands(README) if re.fullmatch(r"uv sync --extra \w+", c)]
-    assert {c.split()[-1] for c in installs} == {"mlx", "mps", "all"}
+    installs = [c for c in doc_commands(README) if re.fullmatch(r"uv sync --extra \w+( --compile-bytecode)?", c)]
+    assert {c.split()[3] for c in installs} == {"mlx", "mps", "all"}
     for command in installs:  # --dry-run: resolve and plan only; --locked: never rewrite uv.lock
         result = subprocess.run([uv, *command.split()[1:], "--locked", "--dry-run"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
