@@ -39,7 +39,7 @@ COMMANDS = {
     "uv sync --extra mps": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra all": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra mps --compile-bytecode": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
-    "uv sync --locked --extra all": (".ci/run",),
+    "uv sync --locked --extra all --compile-bytecode": (".ci/run",),
     "uv run prepare.py": ("tests/conftest.py::prepared_cache",),
     "uv run prepare.py --source ~/corpus": ("tests/test_prepare.py::test_source_cli_builds_a_working_cache",),
     "uv run prepare.py --help": ("tests/test_docs.py::test_prepare_help_lists_every_option_the_readme_names",),
