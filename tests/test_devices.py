@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from torch.nn.attention.flex_attention import flex_attention
 
 import train
 import train_mlx
@@ -68,18 +69,22 @@ def test_mps_bf16_autocast_keeps_bf16_through_norm():
 def test_cuda_bf16_autocast_keeps_bf16_through_norm_compiled_too():
     # rms_norm runs in float32 under CUDA autocast (PyTorch's rule from 2.12 on, installed by the test before)
     check_norm("cuda")
-    model, idx = check_bf16_forward("cuda")  # windowed layers go through flex_attention here
-    check_compiled(model, idx, "cuda")
+    model, idx = check_bf16_forward("cuda")
+    check_compiled(model, idx, "cuda")  # compiled, the windowed layers go through flex_attention
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (flex_attention's CUDA path)")
 def test_cuda_flex_attention_matches_the_sdpa_window_mask():
+    # The kernel that train.py's compiled windowed blocks run: flex_attention compiled, with the window's block mask.
+    # (Called uncompiled, train.attention takes SDPA's path, and flex_attention would run a reference implementation.)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 2048, 128, device="cuda") for _ in range(3))
-    flex = train.attention(q, k, v, window=1024)  # the CUDA branch: flex_attention with a block mask
+    q, k, v = (torch.randn(2, 4, 2048, 128, device="cuda", requires_grad=True) for _ in range(3))
+    flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=train.window_block_mask(2048, 1024, "cuda:0"))
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=train.window_mask(2048, 1024, q.device))
     torch.testing.assert_close(flex, sdpa, rtol=2e-3, atol=2e-3)
+    for a, b in zip(torch.autograd.grad(flex.sum(), (q, k, v)), torch.autograd.grad(sdpa.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
 needs_mlx_gpu = pytest.mark.skipif(not mx.metal.is_available() and not (hasattr(mx, "cuda") and mx.cuda.is_available()),
