@@ -79,7 +79,8 @@ def test_cuda_flex_attention_matches_the_sdpa_window_mask():
     # (Called uncompiled, train.attention takes SDPA's path, and flex_attention would run a reference implementation.)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 2048, 128, device="cuda", requires_grad=True) for _ in range(3))
-    flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=train.window_block_mask(2048, 1024, "cuda:0"))
+    block_mask = train.window_block_mask(2048, 1024, str(q.device))  # the key train.attention looks the mask up by
+    flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=block_mask)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=train.window_mask(2048, 1024, q.device))
     torch.testing.assert_close(flex, sdpa, rtol=2e-3, atol=2e-3)
