@@ -10,10 +10,19 @@ Usage:
 
 The verdict rule
 ----------------
-Runs that count: the runs.jsonl records of finished runs (status ok) made from a clean commit, that did not swap,
-and that share the setup of HEAD's latest run: the harness fingerprint (prepare.py, backends/, pyproject.toml,
-uv.lock), backend, chip and smoke-test knobs. Runs of another setup are never compared: their val_bpb is on
-another scale.
+The night: the records of the branch checked out now (a record names its branch; runs on a detached HEAD count
+when their commit is on the branch). Another night's records, a manual run and a test's never join it.
+
+Runs that count: the night's records of finished runs (status ok) made from a clean commit, that did not swap,
+and that share the setup of HEAD's latest run: the harness fingerprint (the fixed files: prepare.py, analysis.py,
+backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
+knobs. Runs of another setup are never compared: their val_bpb is on another scale.
+
+Machine drift: every record holds the machine's speed as training began and as it ended (backends/calibrate.py, a
+fixed matmul: it does not depend on the code under test). Runs count only while the machine was steady (the two
+readings agree within SPEED_TOLERANCE) and ran at the speed of HEAD's latest run (within SPEED_TOLERANCE). When the
+last kept commit has no such run, the verdict is rerun and names the drift: in a time-budgeted run a faster machine
+makes more steps, and its val_bpb would pass for a gain (or a slower one for a loss).
 
 Noise: sigma, the pooled standard deviation of val_bpb over the groups of runs of identical code (the same trainer
 fingerprint) among them: sqrt(sum over groups of the squared deviations from the group's mean / dof), with
@@ -21,8 +30,11 @@ dof = sum over groups of (group size - 1). program.md's setup runs the baseline 
 every rerun during the night adds to it.
 
 HEAD is the current commit; the last kept commit is the newest results.tsv row with status keep for another one.
-    HEAD is the baseline (nothing kept before it):   keep once it has BASELINE_RUNS runs, until then rerun
+    HEAD has no record, or its latest run left none: discard (it died before the trainer started: read the log)
     HEAD's latest run crashed, failed or swapped:    discard
+    HEAD's latest run's machine was not steady:      rerun
+    HEAD is the baseline (nothing kept before it):   keep once it has BASELINE_RUNS runs, until then rerun
+    the last kept commit has no run at this speed:   rerun (measure it again on the machine as it is now)
     gain = mean(last kept commit's runs) - mean(HEAD's runs)          (positive: HEAD is better)
     bar  = max(t(dof) * sigma * sqrt(1/n_kept + 1/n_head), MIN_GAIN)
            the standard error of the gain times Student's t (97.5% quantile) for the dof behind sigma:
@@ -34,10 +46,14 @@ HEAD is the current commit; the last kept commit is the newest results.tsv row w
     rerun    otherwise: a gain inside the noise; another run of the same commit tells whether it holds
 Why t and not a fixed 2: sigma from 3 runs is rough (below half the true value one time in five), and a bar drawn
 from it keeps noise. benchmarks/bench_verdict.py simulates the rule: an idea that does nothing is kept about 5% of
-the time, early in the night or late, and takes 1.8 runs on average.
+the time, early in the night or late, and takes 1.8 runs on average; with the machine drifting too, still about 5%.
+
+Every verdict is appended to verdicts.jsonl with its gain, bar and sigma, naming the run it judged: the report
+shows each keep as it was decided then, and says so separately where today's sigma would judge it otherwise.
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -47,15 +63,22 @@ import sys
 
 RESULTS = "results.tsv"
 RUNS = "runs.jsonl"
+VERDICTS = "verdicts.jsonl"
+LOG = "run.log"  # program.md's run commands write the trainer's output here
 PLOT = "progress.png"
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 RECORD_FIELDS = ("time", "commit", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip", "smoke", "status")
+FIXED_FILES = "prepare.py analysis.py backends pyproject.toml uv.lock"  # backends/record.py's FIXED_FILES
 
 BASELINE_RUNS = 3   # runs of the baseline before the first idea: the first noise estimate
 MAX_RUNS = 3        # runs of one candidate at most: a gain still inside the noise then is not worth keeping
 MIN_GAIN = 0.001    # a gain must exceed this much val_bpb whatever sigma says: not worth its code otherwise
 BAND_SIGMAS = 2     # progress.png's noise band: the running best +- this many sigma
+# Two machine speed readings agree when they differ by at most this fraction. The readings of a quiet machine
+# scatter by a few per cent (docs in README's "Machine drift"); a machine shared with another program, throttled by
+# heat or in a power-saving mode is slower by far more.
+SPEED_TOLERANCE = 0.10
 # Student's t, 97.5% quantile, for 1..30 degrees of freedom (more: the last value, a little on the safe side)
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -115,54 +138,134 @@ def read_results(path=RESULTS):
     return rows
 
 
-def read_runs(path=RUNS):
-    """runs.jsonl as a list of records (dicts with their line number), or None when there is no such file."""
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_jsonl(path):
+    """(line number, dict) for each line of a JSON-lines file; a line that is not a JSON object (torn by a full disk
+    or a killed writer, or edited by hand) is skipped with one warning naming it. [] when there is no such file."""
     if not os.path.isfile(path):
-        return None
-    records = []
+        return []
+    objects = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                obj = json.loads(line)
             except ValueError:
-                record = None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: not a JSON object (each line is one run's record)")
-            missing = [k for k in RECORD_FIELDS if k not in record]
-            if missing:
-                raise InputError(f"{path}:{lineno}: no {', '.join(missing)} field: not a record written by a trainer")
-            if record["status"] == "ok" and not isinstance(record.get("val_bpb"), (int, float)):
-                raise InputError(f"{path}:{lineno}: status ok without a numeric val_bpb")
-            record["line"] = lineno
-            record["commit"] = (record["commit"] or "")[:7]
-            records.append(record)
+                obj = None
+            if not isinstance(obj, dict):
+                warn(f"{path}:{lineno}: not a JSON object (a torn or edited line?): skipped")
+                continue
+            objects.append((lineno, obj))
+    return objects
+
+
+def read_runs(path=RUNS):
+    """runs.jsonl as a list of records (dicts with their line number), or None when there is no such file. A line
+    that is not a trainer's record is skipped with a warning. An ok record whose val_bpb is not a finite number (a
+    trainer older than the check) counts as failed."""
+    if not os.path.isfile(path):
+        return None
+    records = []
+    for lineno, record in read_jsonl(path):
+        missing = [k for k in RECORD_FIELDS if k not in record]
+        if missing:
+            warn(f"{path}:{lineno}: no {', '.join(missing)} field: not a record written by a trainer: skipped")
+            continue
+        value = record.get("val_bpb")
+        if record["status"] == "ok" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            record.update(status="fail", error=f"val_bpb {value} (not a finite number)")
+        record["line"] = lineno
+        record["commit"] = (record["commit"] or "")[:7]
+        records.append(record)
     return records
+
+
+def git(*args):
+    """git's output, or None outside a repository (or without git)."""
+    try:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def current_branch():
+    """The branch checked out here: None outside git; "" on a detached HEAD."""
+    branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    return None if branch is None else ("" if branch == "HEAD" else branch)
+
+
+def this_night(records, branch):
+    """The records of the branch checked out now, and those made on a detached HEAD at one of its commits (the last
+    kept commit measured again). Outside git, all of them."""
+    if branch is None:
+        return records
+    on_branch = {}
+
+    def ours(record):
+        if record.get("branch") == branch:
+            return True
+        if "branch" not in record or record["branch"] is not None or not record["commit"]:
+            return False
+        if record["commit"] not in on_branch:
+            on_branch[record["commit"]] = git("merge-base", "--is-ancestor", record["commit"], "HEAD") is not None
+        return on_branch[record["commit"]]
+    return [r for r in records if ours(r)]
 
 
 def head_commit(records):
     """HEAD's short hash; outside a git repository, the commit of the latest run."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10)
-        if result.returncode == 0:
-            return result.stdout.strip()[:7]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    head = git("rev-parse", "--short=7", "HEAD")
+    if head is not None:
+        return head[:7]
     return records[-1]["commit"] if records else None
 
 # ---------------------------------------------------------------------------
 # Noise and the verdict
 # ---------------------------------------------------------------------------
 
+SETUP_NAMES = ("harness", "data", "backend", "chip", "smoke-test knobs")
+
+
 def setup(record):
     """What must match for two runs' val_bpb to be comparable."""
-    return record["harness"], record["backend"], record["chip"], tuple(record["smoke"])
+    return record["harness"], record.get("data"), record["backend"], record["chip"], tuple(record["smoke"])
 
 
 def describe_setup(record):
     smoke = f", smoke-test knobs {' '.join(record['smoke'])}" if record["smoke"] else ""
-    return f"harness {record['harness']}, {record['backend']} on {record['chip']}{smoke}"
+    return f"harness {record['harness']}, data {record.get('data')}, {record['backend']} on {record['chip']}{smoke}"
+
+
+def speed(record):
+    """The machine's speed during a run (GFLOP/s of the calibration), or None where it was not measured."""
+    return record.get("machine_speed")
+
+
+def unsteady(record):
+    """How much the machine's speed changed during the run, as a fraction, when more than SPEED_TOLERANCE."""
+    readings = record.get("machine_speeds") or []
+    if len(readings) == 2 and min(readings) > 0:
+        change = max(readings) / min(readings) - 1
+        return change if change > SPEED_TOLERANCE else None
+    return None
+
+
+def speed_change(a, b):
+    """How much faster (positive) or slower (negative) speed a is than speed b, as a fraction."""
+    return a / b - 1
+
+
+def agrees(record, reference):
+    """Whether a run's machine was steady and as fast as the reference speed (unknown speeds agree: records from
+    before the calibration, or a reading that failed)."""
+    if unsteady(record) is not None:
+        return False
+    return speed(record) is None or reference is None or abs(speed_change(speed(record), reference)) <= SPEED_TOLERANCE
 
 
 def counts(record):
@@ -172,6 +275,11 @@ def counts(record):
 
 def mean(values):
     return sum(values) / len(values)
+
+
+def median(values):
+    ordered = sorted(values)
+    return (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
 
 
 def noise(groups):
@@ -215,61 +323,129 @@ def last_kept_commit(rows, head):
     return (kept[-1]["commit"], kept[-1]["line"]) if kept else (None, None)
 
 
-def verdict(rows, records, head):
-    """(word, lines of explanation) for HEAD's runs against the last kept commit's."""
+def unrecorded_run(records):
+    """The end of run.log when the latest run left no record: run.log was written after the newest record (a trainer
+    writes its record after its last line) and holds no summary. None otherwise."""
+    try:
+        log_time = os.path.getmtime(LOG)
+        with open(LOG, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    newest = os.path.getmtime(RUNS) if records and os.path.isfile(RUNS) else 0
+    if log_time <= newest + 2 or re.search(r"^val_bpb:", text, re.MULTILINE):  # 2 s: the log's last flush
+        return None
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(empty)"
+
+
+def verdict(rows, records, head, branch=None):
+    """(word, lines of explanation, what to store in verdicts.jsonl) for HEAD's runs against the last kept commit's.
+    branch names the night in the advice (None outside git)."""
     mine = [r for r in records if r["commit"] == head]
-    if not mine:
-        raise InputError(f"{RUNS}: no run of HEAD {head} yet: run it first (a trainer records every run "
-                         f"in the folder it runs in)")
+    kept, kept_line = last_kept_commit(rows, head)
+    # a reset only ever goes back to a commit of this night: the last kept one (there is none before the baseline)
+    reset = f"`git reset --hard {kept}`" if kept else None
+    give_up = (f"fix it and run again, or give up on it: {reset}" if reset else
+               "fix it and run again (the baseline is where the branch starts: there is nothing to go back to)")
+    died = unrecorded_run(records)
+    if not mine or died is not None:
+        if not mine and died is None:
+            raise InputError(f"{RUNS}: no record of a run of HEAD {head} on this branch: run it first. A run that "
+                             f"died before its trainer started (a syntax or import error, a killed process) leaves "
+                             f"no record: then read the end of {LOG}, fix the trainer, commit, and run again")
+        return "discard", [f"HEAD {head}'s latest run left no record: it died before the trainer started its record "
+                           f"(a syntax or import error, a killed process); {LOG} ends with: {died}",
+                           f"next: read the end of {LOG} (`tr '\\r' '\\n' < {LOG} | tail -n 60`); log it with "
+                           f"status crash, then {give_up}"], None
     last = mine[-1]
     where = f"{RUNS}:{last['line']}"
     if last["dirty"]:
         changes = ", ".join(c.strip() for c in last.get("uncommitted", [])[:5])
         raise InputError(f"{where}: HEAD {head}'s latest run had uncommitted changes ({changes}): commit them "
                          f"(`git add` any new file first), then run again")
-    kept, kept_line = last_kept_commit(rows, head)
-    reset = f"`git reset --hard {kept}`" if kept else "`git reset --hard HEAD~1`"
+    stored = {"commit": head, "run": last.get("id"), "kept": kept}
     if last["status"] != "ok":
         return "discard", [f"HEAD {head}'s latest run ended with status {last['status']}: {last.get('error')}",
-                           f"next: log it with status crash, then fix it and run again, or give up on it: {reset}"]
+                           f"next: log it with status crash, then {give_up}"], stored
     if last.get("swapped"):
         return "discard", [f"HEAD {head}'s latest run swapped {last.get('swap_mb', 0):.0f} MB during training: "
                            f"its val_bpb is not comparable (it outgrew memory, or another program crowded it out)",
-                           f"next: log it with status discard, then {reset}; try the idea with less memory"]
-    comparable = [r for r in records if counts(r) and setup(r) == setup(last)]
+                           f"next: log it with status discard, then " + (f"{reset}; try the idea with less memory"
+                           if reset else "make the baseline fit in memory (a smaller DEVICE_BATCH_SIZE), commit and "
+                           "run again")], stored
+    change = unsteady(last)
+    if change is not None:
+        before, after = last["machine_speeds"]
+        return "rerun", [f"HEAD {head}'s latest run: the machine's speed changed by {100 * change:.0f}% during "
+                         f"training ({before:.1f} GFLOP/s as it began, {after:.1f} as it ended): another program, "
+                         f"heat or a power mode; its val_bpb measures the machine, not the code",
+                         f"next: log it with status rerun; close other programs, let the machine settle, and run "
+                         f"HEAD again, unchanged"], stored
+    now = speed(last)
+    same_setup = [r for r in records if counts(r) and setup(r) == setup(last)]
+    comparable = [r for r in same_setup if agrees(r, now)]
     groups = {}
     for r in comparable:
         groups.setdefault(r["trainer_sha"], []).append(r["val_bpb"])
     spread = noise(groups.values())
     sigma = spread["sigma"]
     head_values = [r["val_bpb"] for r in comparable if r["commit"] == head]
+    at_speed = f", machine speed {now:.1f} GFLOP/s" if now is not None else ""
     sigma_line = (f"sigma {sigma:.6f} (dof {spread['dof']}): the spread of {spread['runs']} runs of identical code in "
-                  f"{spread['groups']} group(s) ({describe_setup(last)})" if sigma is not None else
-                  f"sigma unknown: no code has run twice yet ({describe_setup(last)})")
+                  f"{spread['groups']} group(s) ({describe_setup(last)}{at_speed})" if sigma is not None else
+                  f"sigma unknown: no code has run twice yet ({describe_setup(last)}{at_speed})")
     runs = lambda values: f"mean of {len(values)} run{'s' * (len(values) != 1)}: {' '.join(f'{v:.6f}' for v in values)}"
+
+    def drift(commit, what):
+        """A line naming the drift, when commit's runs of this setup ran at another machine speed."""
+        other = [speed(r) for r in same_setup if r["commit"] == commit and not agrees(r, now)]
+        known = [v for v in other if v is not None]
+        if not known:
+            return None
+        change = speed_change(median(known), now)
+        return (f"the machine ran {100 * abs(change):.0f}% {'slower' if change < 0 else 'faster'} during {what} "
+                f"({len(other)} run(s), {median(known):.1f} GFLOP/s) than during HEAD's latest run ({now:.1f}): "
+                f"{'those runs are' if len(other) > 1 else 'that run is'} left out")
 
     if kept is None:
         word, _, _ = decide(head_values, None, spread)
         lines = [f"baseline {head}: val_bpb {mean(head_values):.6f} ({runs(head_values)})", sigma_line]
+        if drift(head, "the baseline's other runs"):
+            lines.insert(1, drift(head, "the baseline's other runs"))
         lines.append("next: log it with status keep; the branch starts here" if word == "keep" else
                      f"next: log it with status rerun and run it again, unchanged: baseline run "
                      f"{len(head_values)} of {BASELINE_RUNS} (the noise floor)")
-        return word, lines
+        return word, lines, {**stored, "word": word, "sigma": sigma, "dof": spread["dof"]}
 
     kept_values = [r["val_bpb"] for r in comparable if r["commit"] == kept]
     if not kept_values:
+        kept_drift = drift(kept, f"the last kept commit {kept}'s runs")
+        if kept_drift:
+            back = f"`git checkout {branch}`" if branch else "check out the branch again"
+            return "rerun", [f"HEAD {head}: val_bpb {mean(head_values):.6f} ({runs(head_values)})",
+                             kept_drift + ": their val_bpb measure the machine, not the code",
+                             f"next: log it with status rerun. If another program is running, or the machine is "
+                             f"hot or on battery, wait until it is as it was during {kept}'s runs and run HEAD "
+                             f"again. If it stays as it is now, measure {kept} again on it: `git checkout {kept}`, "
+                             f"run it, {back}, log that run as a row of {kept} with status keep and its "
+                             f"description, then ask again"], {**stored, "word": "rerun", "drift": kept_drift}
         theirs = [r for r in records if r["commit"] == kept and r["status"] == "ok"]
         if theirs:
-            fix = (f"the fixed files changed: restore them with `git checkout {kept} -- prepare.py backends "
-                   f"pyproject.toml uv.lock` and commit" if theirs[-1]["harness"] != last["harness"] else
+            differs = [name for name, a, b in zip(SETUP_NAMES, setup(last), setup(theirs[-1])) if a != b]
+            fix = (f"the fixed files changed: restore them with `git checkout {kept} -- {FIXED_FILES}` and commit"
+                   if "harness" in differs else
+                   "the data differs: run with the cache (AUTORESEARCH_CACHE_DIR) and prepared data of the last "
+                   "kept commit's runs" if "data" in differs else
                    "run with the backend and environment variables of the last kept commit's runs")
             raise InputError(f"{where}: not comparable: HEAD {head} ran with {describe_setup(last)}, the last kept "
                              f"commit {kept} with {describe_setup(theirs[-1])}: {fix}")
-        raise InputError(f"{RUNS}: no finished run of the last kept commit {kept} ({RESULTS}:{kept_line}) to "
-                         f"compare with")
+        raise InputError(f"{RUNS}: no finished run of the last kept commit {kept} ({RESULTS}:{kept_line}) on this "
+                         f"branch to compare with")
     word, gain, threshold = decide(head_values, kept_values, spread)
     lines = [f"HEAD {head}: val_bpb {mean(head_values):.6f} ({runs(head_values)})",
              f"last kept {kept}: val_bpb {mean(kept_values):.6f} ({runs(kept_values)})"]
+    lines += [line for line in (drift(head, "HEAD's other runs"), drift(kept, f"{kept}'s other runs")) if line]
     if threshold is not None:
         relation = ">" if gain > threshold else "<="
         lines.append(f"gain {gain:.6f} {relation} bar {threshold:.6f} = max(t {t_975(spread['dof'])} x sigma x "
@@ -279,11 +455,28 @@ def verdict(rows, records, head):
     lines.append(sigma_line)
     lines.append({
         "keep": "next: log it with status keep; the branch advances to HEAD",
-        "discard": f"next: log it with status discard, then {reset}",
+        "discard": f"next: log it with status discard, then `git reset --hard {kept}`",
         "rerun": f"next: log it with status rerun and run HEAD again, unchanged (run {len(head_values)} of at most "
                  f"{MAX_RUNS})",
     }[word])
-    return word, lines
+    return word, lines, {**stored, "word": word, "gain": gain, "bar": threshold, "sigma": sigma, "dof": spread["dof"],
+                         "runs": len(head_values), "kept_runs": len(kept_values)}
+
+
+def store_verdict(entry, path=VERDICTS):
+    """Append a verdict to verdicts.jsonl, on a line of its own: the report shows each keep as it was decided."""
+    line = json.dumps({"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **entry}) + "\n"
+    try:
+        with open(path, "a+", encoding="utf-8") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    line = "\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        warn(f"could not append to {path}: {e}")
 
 # ---------------------------------------------------------------------------
 # The report
@@ -302,17 +495,23 @@ def match(rows, records):
     return matched
 
 
-def build_report(rows, records):
-    """Everything the text report, the JSON report and the plot show, as one dict."""
+def build_report(rows, records, verdicts=()):
+    """Everything the text report, the JSON report and the plot show, as one dict. verdicts: verdicts.jsonl's
+    entries, for each keep as it was decided."""
     matched = match(rows, records)
     reference = matched.get(rows[0]["line"]) or (records[0] if records else None)  # the baseline's setup
-    flags = {"not_comparable": [], "swapped": [], "smoke": [], "dirty": []}
+    flags = {"not_comparable": [], "swapped": [], "smoke": [], "dirty": [], "drifted": []}
+    # the machine's usual speed tonight: the median over the runs of the baseline's setup
+    speeds = [speed(r) for r in records if speed(r) is not None and (reference is None or setup(r) == setup(reference))]
+    usual = median(speeds) if speeds else None
     for record in records:
         entry = {"runs_line": record["line"], "commit": record["commit"]}
         if reference is not None and setup(record) != setup(reference):
-            why = [name for name, a, b in zip(("harness", "backend", "chip", "smoke-test knobs"), setup(record),
-                                              setup(reference)) if a != b]
+            why = [name for name, a, b in zip(SETUP_NAMES, setup(record), setup(reference)) if a != b]
             flags["not_comparable"].append({**entry, "differs": why, "setup": describe_setup(record)})
+        elif record["status"] == "ok" and not agrees(record, usual):
+            flags["drifted"].append({**entry, "speed": speed(record), "usual": usual, "during": unsteady(record),
+                                     "change": speed_change(speed(record), usual) if speed(record) and usual else None})
         if record.get("swapped"):
             flags["swapped"].append({**entry, "swap_mb": record.get("swap_mb")})
         if record["smoke"]:
@@ -347,15 +546,19 @@ def build_report(rows, records):
 
     first = next((i for i, c in enumerate(commits) if c in values), 0)  # the first commit with a result
     baseline = summary(commits[first])
+    decided = {v["commit"]: v for v in verdicts if v.get("word") == "keep" and v.get("gain") is not None}
     steps, previous = [], None
     for commit in commits:
         if status[commit] != "keep" or commit not in values:
             continue
         step = summary(commit)
         if previous is not None:
-            step["delta"] = previous["val_bpb"] - step["val_bpb"]
-            step["bar"] = bar(spread, previous["runs"], step["runs"]) if spread["sigma"] is not None else None
-            step["cleared"] = step["delta"] > step["bar"] if step["bar"] is not None else None
+            delta = previous["val_bpb"] - step["val_bpb"]
+            today = bar(spread, previous["runs"], step["runs"]) if spread["sigma"] is not None else None
+            step["today"] = {"delta": delta, "bar": today, "cleared": delta > today if today is not None else None}
+            then = decided.get(commit)  # the verdict that kept it, with the sigma known then
+            step.update({"delta": then["gain"], "bar": then["bar"], "cleared": then["gain"] > then["bar"],
+                         "decided": then["time"]} if then else {**step["today"], "decided": None})
         steps.append(step)
         previous = step
     best = min(steps, key=lambda s: s["val_bpb"]) if steps else baseline
@@ -398,15 +601,35 @@ def format_report(report):
                  "noise      unknown: no code has run twice (program.md's setup runs the baseline 3 times)")
     lines += ["", "kept commits (delta: the gain over the previous kept commit; cleared: above the noise bar)",
               f"  {'commit':8} {'val_bpb':9} {'runs':>4}  {'delta':9} {'bar':9} {'cleared':7}  description"]
+    word = lambda cleared: {True: "yes", False: "NO", None: "-"}[cleared]
     for step in report["kept_steps"]:
-        cleared = {True: "yes", False: "NO", None: "-"}[step.get("cleared")]
         lines.append(f"  {step['commit']:8} {f6(step['val_bpb']):9} {step['runs']:>4}  {f6(step.get('delta')):9} "
-                     f"{f6(step.get('bar')):9} {cleared:7}  {step['description']}")
+                     f"{f6(step.get('bar')):9} {word(step.get('cleared')):7}  {step['description']}")
+    undecided = [s for s in report["kept_steps"] if "today" in s and not s["decided"]]
+    if any(s.get("decided") for s in report["kept_steps"]):
+        lines.append(f"  (delta, bar and cleared as the verdict decided them{', except for ' if undecided else ''}"
+                     + ", ".join(s["commit"] for s in undecided) + (": no verdict stored in "
+                     f"{VERDICTS}, so today's sigma" if undecided else "") + ")")
+    disagree = [s for s in report["kept_steps"] if s.get("decided") and s["today"]["cleared"] is False]
+    if disagree:
+        lines += ["", f"WITH TODAY'S SIGMA {report['noise']['sigma']:.6f}, {len(disagree)} keep(s) would not clear "
+                      f"the bar (they were kept on the sigma known then; a rerun of each tells):"]
+        lines += [f"  {s['commit']}  gain {s['today']['delta']:.6f} <= bar {s['today']['bar']:.6f} today"
+                  for s in disagree]
     if report["not_comparable"]:
         lines += ["", f"NOT COMPARABLE WITH THE BASELINE: {len(report['not_comparable'])} run(s) used another "
                       f"setup; their val_bpb is left out of every number above"]
         lines += [f"  {RUNS}:{f['runs_line']}  {f['commit']}  {', '.join(f['differs'])} differ: {f['setup']}"
                   for f in report["not_comparable"]]
+    if report["drifted"]:
+        lines += ["", f"MACHINE DRIFT: {len(report['drifted'])} run(s) ran while the machine was not as fast as usual "
+                      f"(more than {100 * SPEED_TOLERANCE:.0f}% from the median, or changing during the run); the "
+                      f"verdict compares only runs at one machine speed"]
+        for f in report["drifted"]:
+            why = [] if f["change"] is None else [f"{100 * abs(f['change']):.0f}% {'slower' if f['change'] < 0 else 'faster'}"
+                                                  f" ({f['speed']:.1f} vs {f['usual']:.1f} GFLOP/s)"]
+            why += [f"changed {100 * f['during']:.0f}% during the run"] if f["during"] else []
+            lines.append(f"  {RUNS}:{f['runs_line']}  {f['commit']}  {', '.join(why)}")
     if report["swapped"]:
         lines += ["", f"SWAPPED: {len(report['swapped'])} run(s) swapped during training; val_bpb not comparable"]
         lines += [f"  {RUNS}:{f['runs_line']}  {f['commit']}  {f['swap_mb']:.0f} MB" for f in report["swapped"]]
@@ -420,7 +643,7 @@ def format_report(report):
     if report["rows_without_record"]:
         lines += ["", f"{len(report['rows_without_record'])} row(s) of {RESULTS} have no record in {RUNS} (killed "
                       f"outright, or run elsewhere): lines {', '.join(map(str, report['rows_without_record']))}"]
-    lines += ["", f"wrote {report['plot']}"]
+    lines += ["", f"wrote {report['plot']}" if report["plot"] else f"could not draw {PLOT} (see the warning above)"]
     return "\n".join(lines)
 
 # ---------------------------------------------------------------------------
@@ -440,6 +663,7 @@ def plot(rows, records, report, path=PLOT):
     matched = match(rows, records)
     final = {row["commit"]: row["status"] for row in rows}
     excluded = {f["runs_line"] for f in report["not_comparable"] + report["swapped"]}
+    drifted = {f["runs_line"] for f in report["drifted"]}
     sigma = report["noise"]["sigma"]
     fig, ax = plt.subplots(figsize=(13, 6.5))
     finished = [(i, row) for i, row in enumerate(rows) if row["status"] != "crash"]
@@ -470,6 +694,10 @@ def plot(rows, records, report, path=PLOT):
     if flagged:
         ax.scatter(*zip(*flagged), s=140, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
                    label="not comparable (swapped or another setup)")
+    shifted = [(i, clip(row["val_bpb"])) for i, row in finished if matched.get(row["line"], {}).get("line") in drifted]
+    if shifted:
+        ax.scatter(*zip(*shifted), s=150, marker="D", facecolors="none", edgecolors="#6a1b9a", linewidths=1.2,
+                   zorder=4, label=f"machine drift (speed off by > {100 * SPEED_TOLERANCE:.0f}%)")
     crashes = [i for i, row in enumerate(rows) if row["status"] == "crash"]
     if crashes:
         ax.scatter(crashes, [0.03] * len(crashes), marker="x", s=60, color=COLORS["crash"], zorder=3,
@@ -526,23 +754,42 @@ def main():
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", action="store_true", help="print the report as one JSON object")
     mode.add_argument("--verdict", action="store_true", help="print keep, discard or rerun for HEAD, then why")
+    parser.add_argument("--branch", help="the report on this branch's night instead of the branch checked out now")
     args = parser.parse_args()
+    if args.branch and args.verdict:
+        parser.error("--branch is for the report: the verdict is always for the branch checked out now")
 
     rows = read_results()
+    branch = args.branch or current_branch()
+    if branch == "":
+        raise InputError("HEAD is detached: check out the night's branch (git checkout autoresearch/<tag>) first")
     records = read_runs()
+    if records is not None:
+        records = this_night(records, branch)
+    verdicts = [v for _, v in read_jsonl(VERDICTS) if branch is None or v.get("branch") == branch]
     if args.verdict:  # results.tsv may hold only its header: the baseline's first run asks too
         if records is None:
             raise InputError(f"{RUNS}: no such file: the verdict needs the trainers' run records (run a trainer "
                              f"in this folder first)")
-        word, lines = verdict(rows, records, head_commit(records))
-        print("\n".join([word] + lines))
+        word, lines, stored = verdict(rows, records, head_commit(records), branch)
+        print("\n".join([word] + lines), flush=True)
+        if stored is not None:
+            store_verdict({**stored, "branch": branch, "word": word})
         return
     if not rows:
         raise InputError(f"{RESULTS}: only the header, no runs to report yet")
-    report = build_report(rows, records or [])
-    plot(rows, records or [], report)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    report = build_report(rows, records or [], verdicts)
+    try:
+        plot(rows, records or [], report)
+    except Exception as e:  # a missing font, a read-only folder: the report is what matters
+        warn(f"could not draw {PLOT}: {type(e).__name__}: {e}")
+        report["plot"] = None
+    print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `uv run analysis.py | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
+        sys.exit(1)

@@ -638,6 +638,19 @@ def report_validation_size(manifest):
               f"rows, going through the shard about {EVAL_TOKENS / n:.1f} times; more validation text avoids it")
 
 
+def data_fingerprint():
+    """8 hex digits naming the data a run trains and is measured on: the tokenizer's merges and every shard's name,
+    documents and token count, as tokenized. Another --source, another download or another cache gives another
+    fingerprint; the same data prepared again gives the same one (no paths or mtimes go in)."""
+    tokenizer = Tokenizer.from_directory()
+    manifest = read_json(os.path.join(token_cache_dir(tokenizer), "manifest.json"))
+    if manifest is None:
+        raise PrepareError(f"error: no token ids in {TOKENS_DIR}: {RUN_PREPARE}")
+    h = hashlib.sha256(tokenizer.fingerprint.encode())
+    for name, shard in sorted(manifest["shards"].items()):
+        h.update(f"{name} {shard['row_groups']} {shard['num_tokens']}\n".encode())
+    return h.hexdigest()[:8]
+
 # ---------------------------------------------------------------------------
 # Runtime utilities (imported by train.py and train_mlx.py)
 # ---------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def verdict(rows, records, head=None):
     for r in parsed:
         r["val_bpb"] = float(r["val_bpb"])
     numbered = [{**r, "line": i + 1} for i, r in enumerate(records)]
-    return analysis.verdict(parsed, numbered, head or records[-1]["commit"])
+    word, lines, _ = analysis.verdict(parsed, numbered, head or records[-1]["commit"])
+    return word, lines
 
 # ---------------------------------------------------------------------------
 # The verdict
@@ -133,7 +134,7 @@ def test_a_harness_change_is_never_compared(tmp_path):
     assert returncode == 1 and out == ""
     (line,) = err.splitlines()
     assert line.startswith("error: runs.jsonl:4: not comparable: HEAD bbbbbbb ran with harness 22222222")
-    assert f"git checkout {BASE} -- prepare.py backends pyproject.toml uv.lock" in line
+    assert f"git checkout {BASE} -- prepare.py analysis.py backends pyproject.toml uv.lock" in line
 
 
 @pytest.mark.parametrize("last,expected", [
@@ -183,8 +184,10 @@ def test_verdict_reads_head_from_git(tmp_path):
     rows, records = baseline_session()
     write(tmp_path, rows, records + [rec(IDEA, 0.9)])  # the latest run is of another commit than HEAD
     returncode, out, err = cli(tmp_path, "--verdict")
-    assert returncode == 1 and err.strip() == (f"error: runs.jsonl: no run of HEAD {head} yet: run it first (a "
-                                               f"trainer records every run in the folder it runs in)")
+    assert returncode == 1 and err.strip() == (
+        f"error: runs.jsonl: no record of a run of HEAD {head} on this branch: run it first. A run that died before "
+        f"its trainer started (a syntax or import error, a killed process) leaves no record: then read the end of "
+        f"run.log, fix the trainer, commit, and run again")
 
 # ---------------------------------------------------------------------------
 # The report and progress.png
@@ -279,10 +282,6 @@ def test_smoke_knobs_are_named_in_the_report(tmp_path):
     (HEADER + "aaaaaaa\t1.0\t11.0\tkept\tx\n", None, (), "error: results.tsv:2: status 'kept' is not one of"),
     (HEADER + "HEAD\t1.0\t11.0\tkeep\tx\n", None, (), "error: results.tsv:2: commit 'HEAD' is not a short git hash"),
     (HEADER + "aaaaaaa\t0.000000\t0.0\tkeep\tx\n", None, (), "error: results.tsv:2: val_bpb 0 with status keep"),
-    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", "{\"commit\": \"aaaaaaa\"\n", (), "error: runs.jsonl:1: not a JSON object"),
-    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", "\n[1, 2]\n", (), "error: runs.jsonl:2: not a JSON object"),
-    (HEADER + "aaaaaaa\t1.0\t11.0\tkeep\tx\n", '{"commit": "aaaaaaa", "status": "ok"}\n', (),
-     "error: runs.jsonl:1: no time, dirty, trainer, trainer_sha, harness, backend, chip, smoke field"),
     (HEADER, None, ("--verdict",), "error: runs.jsonl: no such file"),
 ])
 def test_bad_input_is_one_line_and_exit_status_1(tmp_path, results, runs, args, message):
@@ -310,3 +309,237 @@ def test_the_baseline_is_the_first_commit_with_a_result(tmp_path):
     assert returncode == 0, err
     assert "baseline   1.000000  bbbbbbb  (1 run)" in out  # the crashed first commit is no baseline
     assert "keep rate  0 of 1 experiments kept" in out and (tmp_path / "progress.png").exists()
+
+# ---------------------------------------------------------------------------
+# A messy night: machine drift, other nights' records, torn lines, runs that left no record
+# ---------------------------------------------------------------------------
+
+def at(speed, after=None, **extra):
+    """The machine fields of a record: its speed as training began and as it ended, in GFLOP/s."""
+    after = speed if after is None else after
+    return {"machine_speed": (speed + after) / 2, "machine_speeds": [speed, after], **extra}
+
+
+def test_a_machine_that_sped_up_is_not_a_gain():
+    """The H200 night of the issue: the baseline three times while another program shared the GPU (56 steps a run),
+    then a do-nothing commit alone (100 steps): its val_bpb is far lower, and the verdict must name the machine."""
+    rows = [row(BASE, v, s, "baseline") for v, s in zip((1.5643, 1.5650, 1.5639), ("rerun", "rerun", "keep"))]
+    records = [rec(BASE, v, **at(412.0)) for v in (1.5643, 1.5650, 1.5639)] + [rec(IDEA, 1.4193, **at(701.0))]
+    word, lines = verdict(rows, records)
+    assert word == "rerun"
+    assert lines[1] == (f"the machine ran 41% slower during the last kept commit {BASE}'s runs (3 run(s), 412.0 "
+                        f"GFLOP/s) than during HEAD's latest run (701.0): those runs are left out: their val_bpb "
+                        f"measure the machine, not the code")
+    assert f"`git checkout {BASE}`" in lines[-1] and "log that run as a row of" in lines[-1]
+    # the last kept commit measured again on the machine as it is now: the comparison is back, and judges the code
+    word, lines = verdict(rows + [row(BASE, 1.4190, "keep", "baseline")], records + [rec(BASE, 1.4190, **at(698.0))],
+                          head=IDEA)
+    assert word == "discard" and lines[1] == f"last kept {BASE}: val_bpb 1.419000 (mean of 1 run: 1.419000)"
+
+
+def test_a_change_that_makes_the_code_faster_still_wins():
+    """The machine speed is a fixed matmul, not the trainer: faster code at the same machine speed is a real gain."""
+    rows, records = baseline_session()
+    records = [{**r, **at(100.0)} for r in records]
+    word, _ = verdict(rows, records + [rec(IDEA, 0.9, tokens_per_sec=90000, **at(104.0))])
+    assert word == "keep"
+
+
+def test_a_run_during_which_the_machine_changed_is_rerun():
+    rows, records = baseline_session()
+    records = [{**r, **at(100.0)} for r in records]
+    word, lines = verdict(rows, records + [rec(IDEA, 0.9, **at(100.0, 150.0))])
+    assert word == "rerun" and lines[0] == (f"HEAD {IDEA}'s latest run: the machine's speed changed by 50% during "
+                                            f"training (100.0 GFLOP/s as it began, 150.0 as it ended): another "
+                                            f"program, heat or a power mode; its val_bpb measures the machine, not "
+                                            f"the code")
+
+
+def test_baseline_runs_at_another_speed_do_not_count_towards_its_three():
+    records = [rec(BASE, 1.0, **at(50.0)), rec(BASE, 1.01, **at(50.0)), rec(BASE, 0.95, **at(100.0))]
+    word, lines = verdict([row(BASE, 1.0, "rerun"), row(BASE, 1.01, "rerun")], records)
+    assert word == "rerun" and "baseline run 1 of 3" in lines[-1]
+    assert lines[1].startswith("the machine ran 50% slower during the baseline's other runs (2 run(s), 50.0 GFLOP/s)")
+
+
+def test_sigma_comes_from_runs_at_this_machine_speed():
+    rows, records = baseline_session()
+    records = [{**r, **at(100.0)} for r in records] + [rec(BASE, 1.3, **at(60.0))]  # one slow run: left out
+    word, lines = verdict(rows, records + [rec(IDEA, 0.9, **at(100.0))])
+    assert word == "keep" and lines[-2].startswith("sigma 0.010000 (dof 2)") and "machine speed 100.0" in lines[-2]
+
+
+@pytest.mark.parametrize("value", ["NaN", "-Infinity", "Infinity", "null"])
+def test_a_non_finite_val_bpb_fails_and_poisons_nothing(tmp_path, value):
+    rows, records = baseline_session()
+    lines = [json.dumps(r) for r in records] + [json.dumps(rec(IDEA, 0.0)).replace('"val_bpb": 0.0', f'"val_bpb": {value}')]
+    write(tmp_path, rows)
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    assert out.splitlines()[:2] == ["discard", f"HEAD {IDEA}'s latest run ended with status fail: val_bpb "
+                                               f"{None if value == 'null' else float(value)} (not a finite number)"]
+    # the next idea is judged with the baseline's sigma, not NaN
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines + [json.dumps(rec(OTHER, 0.9))]) + "\n")
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert out.splitlines()[0] == "keep" and "sigma 0.010000 (dof 2)" in out
+
+
+def test_a_torn_line_is_skipped_with_one_warning(tmp_path):
+    """A killed writer leaves half a record; the next record is glued onto it. Only that line is lost."""
+    rows, records = baseline_session()
+    torn = json.dumps(rec(BASE, 1.0))[:40]
+    text = (json.dumps(records[0]) + "\n" + torn + json.dumps(rec(BASE, 1.005)) + "\n" + "[1, 2]\n"
+            + json.dumps({"commit": BASE, "status": "ok"}) + "\n" + json.dumps(records[1]) + "\n"
+            + json.dumps(records[2]) + "\n" + json.dumps(rec(IDEA, 0.9)) + "\n")
+    write(tmp_path, rows)
+    (tmp_path / "runs.jsonl").write_text(text)
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0
+    assert err.splitlines() == [
+        "warning: runs.jsonl:2: not a JSON object (a torn or edited line?): skipped",
+        "warning: runs.jsonl:3: not a JSON object (a torn or edited line?): skipped",
+        "warning: runs.jsonl:4: no time, dirty, trainer, trainer_sha, harness, backend, chip, smoke field: not a "
+        "record written by a trainer: skipped"]
+    assert out.splitlines()[0] == "keep" and "last kept aaaaaaa: val_bpb 1.000000 (mean of 3 runs" in out
+    returncode, out, err = cli(tmp_path)  # the report reads the rest too
+    assert returncode == 0 and "baseline   1.000000  aaaaaaa  (3 runs)" in out
+
+
+def git_repo(folder):
+    """A git repository with one commit on branch autoresearch/one; returns a git(*args) helper."""
+    env = {**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a",
+           "GIT_COMMITTER_EMAIL": "a@b"}
+    git = lambda *args: subprocess.run(["git", *args], cwd=folder, env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip()
+    git("init", "-q", "-b", "autoresearch/one")
+    git("commit", "-q", "--allow-empty", "-m", "baseline")
+    return git
+
+
+def test_a_night_is_its_own_branch(tmp_path):
+    """A second night from the same commit starts from nothing: the first night's baseline runs, a manual run and a
+    test's runs (no branch) are not its runs."""
+    git = git_repo(tmp_path)
+    head = git("rev-parse", "--short=7", "HEAD")
+    old = [rec(head, v, branch="autoresearch/one") for v in BASELINE]
+    stray = [rec(head, 0.5, branch="main"), rec(head, 0.5)]
+    git("checkout", "-q", "-b", "autoresearch/two")
+    write(tmp_path, [], old + stray + [rec(head, 1.0, branch="autoresearch/two")])
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    assert out.splitlines()[:2] == ["rerun", f"baseline {head}: val_bpb 1.000000 (mean of 1 run: 1.000000)"]
+    assert "sigma unknown" in out
+    # the report of the first night, asked for by name, still has its three runs
+    write(tmp_path, [row(head, v, s, "baseline") for v, s in zip(BASELINE, ("rerun", "rerun", "keep"))],
+          old + stray + [rec(head, 1.0, branch="autoresearch/two")])
+    returncode, out, err = cli(tmp_path, "--json", "--branch", "autoresearch/one")
+    assert returncode == 0, err
+    assert json.loads(out)["records"] == 3
+
+
+def test_runs_on_a_detached_head_at_a_commit_of_the_branch_count(tmp_path):
+    git = git_repo(tmp_path)
+    base = git("rev-parse", "--short=7", "HEAD")
+    git("commit", "-q", "--allow-empty", "-m", "idea")
+    idea = git("rev-parse", "--short=7", "HEAD")
+    rows = [row(base, v, s, "baseline") for v, s in zip(BASELINE, ("rerun", "rerun", "keep"))]
+    records = ([rec(base, v, branch="autoresearch/one", **at(50.0)) for v in BASELINE]
+               + [rec(idea, 0.9, branch="autoresearch/one", **at(100.0))]
+               + [rec(base, v, branch=None, **at(100.0)) for v in (1.0, 1.01, 0.99)]  # base measured again
+               + [rec("1234567", 2.0, branch=None, **at(100.0))])  # detached elsewhere: not this night's
+    write(tmp_path, rows, records)
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    assert out.splitlines()[0] == "keep" and f"last kept {base}: val_bpb 1.000000 (mean of 3 runs" in out
+    git("checkout", "-q", base)
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 1 and err.startswith("error: HEAD is detached")
+
+
+def test_every_verdict_is_stored_and_the_report_shows_keeps_as_decided(tmp_path):
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(IDEA, 0.94)])
+    assert cli(tmp_path, "--verdict")[1].splitlines()[0] == "keep"
+    (stored,) = [json.loads(line) for line in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert stored["word"] == "keep" and stored["commit"] == IDEA and stored["run"] == records[-1].get("id")
+    assert stored["gain"] == pytest.approx(0.06) and stored["bar"] == pytest.approx(4.303 * 0.01 * (4 / 3) ** 0.5)
+    # later in the night, reruns of other code show a larger sigma: the keep is shown as it was decided, and
+    # today's judgement separately
+    rows += [row(IDEA, 0.94, "keep", "idea")]
+    noisy = [rec(OTHER, 1.05, trainer_sha="c0ffee00"), rec(OTHER, 0.85, trainer_sha="c0ffee00")]
+    write(tmp_path, rows + [row(OTHER, 1.05, "rerun"), row(OTHER, 0.85, "discard")], records + [rec(IDEA, 0.94)]
+          + noisy)
+    returncode, out, err = cli(tmp_path, "--json")
+    step = json.loads(out)["kept_steps"][1]
+    assert step["cleared"] is True and step["bar"] == pytest.approx(stored["bar"]) and step["decided"]
+    assert step["today"]["cleared"] is False
+    returncode, out, err = cli(tmp_path)
+    assert "WITH TODAY'S SIGMA" in out and f"  {IDEA}  gain 0.060000 <= bar" in out
+
+
+def test_advice_never_rewinds_past_the_start_of_the_branch():
+    word, lines = verdict([], [rec(BASE, status="crash", error="SyntaxError: invalid syntax")])
+    assert word == "discard" and "git reset" not in "\n".join(lines) and "HEAD~" not in "\n".join(lines)
+    word, lines = verdict([], [rec(BASE, 1.0, swap_mb=900.0)])
+    assert word == "discard" and "git reset" not in "\n".join(lines)
+    rows, records = baseline_session()
+    word, lines = verdict(rows, records + [rec(IDEA, status="fail", error="loss nan at step 3")])
+    assert lines[-1].endswith(f"`git reset --hard {BASE}`")
+
+
+def test_a_run_that_died_before_its_record_is_named(tmp_path):
+    """A syntax error in the trainer ends it before record.py runs: run.log, written after the newest record, has
+    the traceback and no summary. The verdict says so instead of describing the older runs."""
+    rows, records = baseline_session()
+    write(tmp_path, rows, records + [rec(IDEA, 0.9)])
+    old = os.path.getmtime(tmp_path / "runs.jsonl") - 60
+    os.utime(tmp_path / "runs.jsonl", (old, old))
+    (tmp_path / "run.log").write_text('  File "train_mlx.py", line 3\n    x = (\nSyntaxError: \'(\' was never closed\n')
+    returncode, out, err = cli(tmp_path, "--verdict")
+    assert returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "discard" and lines[1] == (
+        f"HEAD {IDEA}'s latest run left no record: it died before the trainer started its record (a syntax or "
+        f"import error, a killed process); run.log ends with: SyntaxError: '(' was never closed")
+    assert lines[2].startswith("next: read the end of run.log") and f"`git reset --hard {BASE}`" in lines[2]
+    # a run that did leave its record (written after the log) is judged as usual
+    os.utime(tmp_path / "runs.jsonl")
+    assert cli(tmp_path, "--verdict")[1].splitlines()[0] == "keep"
+
+
+def test_data_of_another_cache_is_never_compared():
+    rows, records = baseline_session()
+    records = [{**r, "data": "d1d1d1d1"} for r in records]
+    with pytest.raises(SystemExit) as e:
+        verdict(rows, records + [rec(IDEA, 0.5, data="e2e2e2e2")])
+    assert "data e2e2e2e2" in str(e.value) and "the data differs" in str(e.value)
+
+
+def test_the_report_marks_drifted_runs(tmp_path):
+    rows, records = night()
+    records = [{**r, **at(100.0)} for r in records]
+    records[3] = {**records[3], **at(70.0)}  # the idea's first run: the machine was 30% slower
+    write(tmp_path, rows, records)
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0, err
+    assert "MACHINE DRIFT: 1 run(s)" in out and f"runs.jsonl:4  {IDEA}  30% slower (70.0 vs 100.0 GFLOP/s)" in out
+
+
+def test_a_plot_that_cannot_be_written_still_prints_the_report(tmp_path):
+    write(tmp_path, *night())
+    (tmp_path / "progress.png").mkdir()  # savefig cannot write a file there
+    returncode, out, err = cli(tmp_path)
+    assert returncode == 0 and "baseline   1.000000  aaaaaaa  (3 runs)" in out
+    assert err.startswith("warning: could not draw progress.png: ")
+    assert out.rstrip().endswith("could not draw progress.png (see the warning above)")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`uv run analysis.py | head -1`: head exits after one line, and the rest of a long report meets a closed pipe."""
+    rows, records = baseline_session()
+    rows += [row(f"{i:07x}", 0.5, "discard") for i in range(2000)]  # runs of another harness: a line each
+    write(tmp_path, rows, records + [rec(f"{i:07x}", 0.5, harness="22222222") for i in range(2000)])
+    result = subprocess.run(f"{sys.executable} {ANALYSIS} --json | head -1", shell=True, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout == "{\n" and result.stderr == ""

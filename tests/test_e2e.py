@@ -16,9 +16,11 @@ from backends import record
 from conftest import ROOT, SMOKE_ENV, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness"]
-RECORD_KEYS = {"time", "commit", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip", "smoke", "status",
-               "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings", *SUMMARY_KEYS}
+                "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
+                "data", "machine_speed"]
+RECORD_KEYS = {"id", "time", "commit", "branch", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip",
+               "smoke", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
+               "machine_speeds", "loadavg", *SUMMARY_KEYS}
 
 
 def grep(pattern, path):

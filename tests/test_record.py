@@ -24,7 +24,7 @@ VALUES = dict(val_bpb=1.2345678, training_seconds=300.04, total_seconds=400.26, 
               eval_seconds=30.11)
 ORIGINAL_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                  "num_steps", "num_params_M", "depth"]  # the original's summary, in its order, after `---`
-KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness"]
+KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness", "data", "machine_speed"]
 
 
 @pytest.fixture
@@ -35,6 +35,8 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 2560})
     monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
+    readings = iter([100.0, 90.0, 80.0])  # GFLOP/s: as training begins, as it ends
+    monkeypatch.setattr(record, "machine_speed", lambda backend: next(readings))
     return tmp_path
 
 
@@ -51,6 +53,7 @@ def runs(folder):
 
 def test_summary_prints_the_originals_lines_first_then_ours(in_tmp, capsys):
     run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
     run.summary(**VALUES)
     lines = summary_lines(capsys.readouterr().out)
     assert [key for key, _ in lines] == KEYS
@@ -58,7 +61,7 @@ def test_summary_prints_the_originals_lines_first_then_ours(in_tmp, capsys):
         "val_bpb": "1.234568", "training_seconds": "300.0", "total_seconds": "400.3", "peak_vram_mb": "1234.6",
         "mfu_percent": "12.35", "total_tokens_M": "0.041", "num_steps": "20", "num_params_M": "3.5", "depth": "2",
         "backend": "cpu", "chip": "Test Chip", "startup_seconds": "70.1", "eval_seconds": "30.1",
-        "harness": record.harness_fingerprint(),
+        "harness": record.harness_fingerprint(), "data": "-", "machine_speed": "95.0",  # no data prepared here
     }
 
 
@@ -78,14 +81,43 @@ def test_the_record_holds_what_the_summary_printed(in_tmp, capsys):
     (rec,) = runs(in_tmp)
     assert rec["status"] == "ok"
     for key in KEYS:
-        assert rec[key] == (printed[key] if isinstance(rec[key], str) else float(printed[key])), key
+        assert rec[key] == (printed[key] if isinstance(rec[key], str) else None if printed[key] == "-" else
+                            float(printed[key])), key
     assert rec["trainer"] == "train.py" and rec["trainer_sha"] == record.fingerprint(["train.py"], ROOT)
     assert re.fullmatch(r"[0-9a-f]{8}", rec["trainer_sha"]) and re.fullmatch(r"[0-9a-f]{8}", rec["harness"])
     assert rec["smoke"] == [] and rec["warnings"] == [] and rec["swap_mb"] is None and rec["swapped"] is False
     assert rec["eval_rows"] == rec["eval_distinct_rows"] == 2560
     assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - 11) / 300.0)  # steps 0-10 are not timed
     assert rec["time"][:4].isdigit() and rec["total_seconds"] == 400.3
-    assert set(rec) >= {"commit", "dirty", "backend", "chip"}
+    assert set(rec) >= {"commit", "branch", "dirty", "backend", "chip"} and re.fullmatch(r"[0-9a-f]{12}", rec["id"])
+    assert rec["machine_speeds"] == [100.0, 90.0] and rec["machine_speed"] == 95.0
+    assert len(rec["loadavg"]) == 2 and all(v >= 0 for v in rec["loadavg"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_val_bpb_that_is_not_finite_is_a_failed_run(in_tmp, capsys, value):
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
+    with pytest.raises(SystemExit) as exit:
+        run.summary(**{**VALUES, "val_bpb": value})
+    assert exit.value.code == 1
+    out = capsys.readouterr().out
+    assert "---" not in out and out.splitlines()[-1] == (f"FAIL: val_bpb {value} after 20 steps (the evaluation's "
+                                                         f"loss was not finite)")
+    (rec,) = runs(in_tmp)
+    assert rec["status"] == "fail" and "val_bpb" not in rec and rec["machine_speeds"] == [100.0, 90.0]
+
+
+def test_a_record_starts_on_a_fresh_line_after_a_torn_one_and_reaches_the_disk(in_tmp, capsys, monkeypatch):
+    (in_tmp / "runs.jsonl").write_text('{"commit": "aaaaaaa", "sta')  # a writer killed mid-line
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.mark_training_start()
+    run.summary(**VALUES)
+    torn, line = (in_tmp / "runs.jsonl").read_text().split("\n")[:2]
+    assert torn == '{"commit": "aaaaaaa", "sta' and json.loads(line)["status"] == "ok" and synced
 
 
 def test_smoke_knobs_and_evaluation_repeats_are_warnings(in_tmp, monkeypatch, capsys):
@@ -183,6 +215,64 @@ def harness_line(root):
     return line
 
 
+def test_the_fixed_files_are_exactly_these():
+    """What the agent may not edit, written out: a file dropped from the list would stop counting silently."""
+    import analysis
+    assert record.FIXED_FILES == ("prepare.py", "analysis.py", "backends", "pyproject.toml", "uv.lock")
+    assert analysis.FIXED_FILES == "prepare.py analysis.py backends pyproject.toml uv.lock"  # its restore advice
+    assert record.fixed_file_list(record.FIXED_FILES) == sorted(
+        ["prepare.py", "analysis.py", "pyproject.toml", "uv.lock"]
+        + [f"backends/{f}" for f in os.listdir(os.path.join(ROOT, "backends")) if f.endswith(".py")])
+
+
+def test_editor_and_os_junk_never_changes_the_fingerprint(tmp_path):
+    """In git, only tracked files count (what `git checkout <kept> -- ...` can restore); outside git, everything but
+    junk. Both give the same fingerprint for the same files."""
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                                       env={**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b",
+                                            "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"})
+    for name in record.FIXED_FILES:
+        copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy2
+        copy(os.path.join(ROOT, name), tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                           if copy is shutil.copytree else {}))
+    outside_git = record.harness_fingerprint(str(tmp_path))
+    junk = [tmp_path / "backends" / name for name in (".DS_Store", "._prepare.py", ".record.py.swp", "record.py~")]
+    for path in junk:
+        path.write_text("junk")
+    assert record.harness_fingerprint(str(tmp_path)) == outside_git
+    for path in junk:
+        path.unlink()
+    git("init", "-q")
+    git("add", *record.FIXED_FILES)
+    git("commit", "-q", "-m", "x")
+    for path in junk + [tmp_path / "backends" / "untracked.py"]:  # in git, tracked files only: git cannot restore
+        path.write_text("X = 1\n")                                  # or remove an untracked one
+    assert record.harness_fingerprint(str(tmp_path)) == outside_git
+    with open(tmp_path / "analysis.py", "a") as f:  # the keep rule is a fixed file
+        f.write("MIN_GAIN = 0\n")
+    assert record.harness_fingerprint(str(tmp_path)) != outside_git
+
+
+def test_the_data_fingerprint_names_the_data_not_the_folder(prepared_cache, tmp_path):
+    """The same prepared data in another folder (copied, new mtimes) has the same fingerprint; other data another."""
+    fingerprint = lambda cache: subprocess.run(
+        [sys.executable, "-c", "import prepare; print(prepare.data_fingerprint())"], cwd=tmp_path, text=True,
+        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": ROOT, "AUTORESEARCH_CACHE_DIR": cache},
+        timeout=120).stdout.strip()
+    original = fingerprint(prepared_cache)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(prepared_cache, copy)  # new mtimes: prepare.py would re-tokenize, but the data is the same
+    assert re.fullmatch(r"[0-9a-f]{8}", original) and fingerprint(copy) == original
+    (manifest,) = [os.path.join(folder, "manifest.json") for folder, _, names in os.walk(copy)
+                   if "manifest.json" in names]
+    with open(manifest) as f:
+        data = json.load(f)
+    next(iter(data["shards"].values()))["num_tokens"] += 1  # one shard's text differs
+    with open(manifest, "w") as f:
+        json.dump(data, f)
+    assert fingerprint(copy) != original
+
+
 def test_editing_a_fixed_file_changes_the_harness_line(tmp_path):
     scratch = tmp_path / "repo"
     scratch.mkdir()
@@ -266,11 +356,12 @@ def test_a_run_bounds_mlx_cuda_graphs_before_the_first_gpu_operation(tmp_path, m
     assert out.split("\n")[1] == (str(backends.MLX_GRAPH_MB) if sys.platform != "darwin" else "None")
 
 
-def test_sigterm_from_timeout_is_recorded_as_a_crash(tmp_path):
-    returncode, out, (rec,) = run_trainer(tmp_path, "time.sleep(60)", signal_after=signal.SIGTERM)
-    assert returncode == -signal.SIGTERM  # killed by the signal, as without the handler
-    assert "terminated by SIGTERM" in out
-    assert rec["status"] == "crash" and "SIGTERM" in rec["error"]
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_from_timeout_and_sighup_from_a_closed_terminal_are_recorded_as_a_crash(tmp_path, signum):
+    returncode, out, (rec,) = run_trainer(tmp_path, "time.sleep(60)", signal_after=signum)
+    assert returncode == -signum  # killed by the signal, as without the handler
+    assert f"terminated by {signum.name}" in out
+    assert rec["status"] == "crash" and signum.name in rec["error"]
 
 
 def test_an_exit_without_a_summary_is_recorded_as_a_crash(tmp_path):
@@ -291,12 +382,17 @@ def test_the_record_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
                                                        "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@b"}).stdout
     shutil.copy(os.path.join(ROOT, ".gitignore"), tmp_path)
     run_trainer(tmp_path, "pass")  # writes train.py (and a runs.jsonl, which .gitignore keeps out of git)
-    git("init", "-q")
+    git("init", "-q", "-b", "autoresearch/nov25")
     git("add", ".")
     git("commit", "-q", "-m", "x")
     commit = git("rev-parse", "--short=7", "HEAD").strip()
     *_, clean = run_trainer(tmp_path, "pass")[2]
     assert clean["commit"] == commit and clean["dirty"] is False and "uncommitted" not in clean
+    assert clean["branch"] == "autoresearch/nov25"
+    git("checkout", "-q", "--detach")
+    *_, detached = run_trainer(tmp_path, "pass")[2]
+    assert detached["commit"] == commit and detached["branch"] is None
+    git("checkout", "-q", "autoresearch/nov25")
     (tmp_path / "helper.py").write_text("X = 1\n")  # a new file an idea imports, not yet added
     *_, dirty = run_trainer(tmp_path, "pass")[2]
     assert dirty["dirty"] is True and dirty["uncommitted"] == ["?? helper.py"]

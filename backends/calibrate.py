@@ -1,0 +1,55 @@
+"""
+How fast the machine is right now, apart from the code under test: a fixed matrix multiplication through the run's
+own backend, timed. record.py reads it as the timed training begins and as it ends; analysis.py compares only runs
+whose machine speeds agree, so another program, heat or a power mode that slows the machine (or stops slowing it)
+cannot pass for an idea that helps. The trainers' code does not run here, so a change that makes training faster
+still shows as a gain.
+"""
+
+import statistics
+import time
+
+import backends
+
+READ_SECONDS = 0.4  # one reading; a run takes two (before and after training), under a second in all
+CHUNK_SECONDS = 0.02  # matmuls timed together: long enough that the clock and the launches do not count
+# A square matmul in the dtype the backend trains in, large enough to keep its compute units busy
+SIZE = {"cpu": 384, "mps": 2048, "cuda": 4096, "mlx_cpu": 384, "mlx_gpu": 2048}
+
+
+def _torch_matmul(backend):
+    import torch
+    dtype = torch.float32 if backend == "cpu" else torch.bfloat16
+    n = SIZE[backend]
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(backend, dtype) for _ in range(2))
+    return n, lambda: torch.mm(a, b)
+
+
+def _mlx_matmul():
+    import mlx.core as mx
+    on_gpu = mx.default_device() == mx.gpu
+    n = SIZE["mlx_gpu" if on_gpu else "mlx_cpu"]
+    a, b = (mx.random.normal((n, n), key=mx.random.key(i)).astype(mx.bfloat16 if on_gpu else mx.float32)
+            for i in range(2))
+    mx.eval(a, b)
+    return n, lambda: mx.eval(a @ b)
+
+
+def machine_speed(backend, seconds=READ_SECONDS):
+    """The median throughput, in GFLOP/s, of chunks of identical matmuls run back to back for `seconds`."""
+    n, matmul = _mlx_matmul() if backend == "mlx" else _torch_matmul(backend)
+    matmul()  # the first call loads kernels and libraries
+    backends.sync_device(backend)
+    t0 = time.perf_counter()
+    matmul()
+    backends.sync_device(backend)
+    reps = max(1, round(CHUNK_SECONDS / max(time.perf_counter() - t0, 1e-6)))
+    rates, start = [], time.perf_counter()
+    while not rates or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            matmul()
+        backends.sync_device(backend)
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
