@@ -6,13 +6,11 @@ cannot pass for an idea that helps. The trainers' code does not run here, so a c
 still shows as a gain.
 """
 
-import statistics
 import time
 
 import backends
 
 READ_SECONDS = 0.4  # one reading; a run takes two (before and after training), under a second in all
-CHUNK_SECONDS = 0.02  # matmuls timed together: long enough that the clock and the launches do not count
 # A square matmul in the dtype the backend trains in, large enough to keep its compute units busy
 SIZE = {"cpu": 384, "mps": 2048, "cuda": 4096, "mlx_cpu": 384, "mlx_gpu": 2048}
 
@@ -37,19 +35,26 @@ def _mlx_matmul():
 
 
 def machine_speed(backend, seconds=READ_SECONDS):
-    """The median throughput, in GFLOP/s, of chunks of identical matmuls run back to back for `seconds`."""
+    """The throughput, in GFLOP/s, of identical matmuls run back to back for `seconds`: all the work over all the
+    time, so that a machine shared with other programs reads as its average share, not as its best moments."""
     n, matmul = _mlx_matmul() if backend == "mlx" else _torch_matmul(backend)
-    matmul()  # the first call loads kernels and libraries
-    backends.sync_device(backend)
-    t0 = time.perf_counter()
-    matmul()
-    backends.sync_device(backend)
-    reps = max(1, round(CHUNK_SECONDS / max(time.perf_counter() - t0, 1e-6)))
-    rates, start = [], time.perf_counter()
-    while not rates or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            matmul()
+    if backend == "cpu":
+        # One thread: several threads that meet at a barrier stall whenever another program preempts one of them,
+        # and a loaded machine then reads anywhere from 3% to 100% of its speed (2 cores, 4 busy processes).
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    try:
+        matmul()  # the first call loads kernels and libraries
         backends.sync_device(backend)
-        rates.append(2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9)
-    return statistics.median(rates)
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds:
+            matmul()
+            count += 1
+            if count % 8 == 0:
+                backends.sync_device(backend)  # a GPU queue stays short: the clock must not run ahead of the work
+        backends.sync_device(backend)
+        return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+    finally:
+        if backend == "cpu":
+            torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -234,3 +235,64 @@ def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache,
             # rounding level may step differently after the other summation order. One entry in 10,000 may.
             mismatched = ~np.isclose(got, expected, rtol=1e-4, atol=1e-6)
             assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())
+
+# ---------------------------------------------------------------------------
+# A night on a loaded machine: the machine's speed, not the code, must not decide
+# ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_baseline_run_under_load_then_a_do_nothing_commit_alone_is_not_kept(prepared_cache, tmp_path):
+    """The issue's night: the baseline three times while other programs load every core, then a commit that changes
+    nothing but a comment, run alone. In a time-budgeted run the quiet machine makes more steps; the verdict must
+    name the machine instead of keeping the commit. ~2 minutes on 2 cores."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in record.FIXED_FILES + ("train.py", ".gitignore"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy2
+        copy(os.path.join(ROOT, name), repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                       if copy is shutil.copytree else {}))
+    env = {**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a",
+           "GIT_COMMITTER_EMAIL": "a@b"}
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                                       text=True).stdout.strip()
+    git("init", "-q", "-b", "autoresearch/loaded")
+    git("add", ".")
+    git("commit", "-q", "-m", "baseline")
+    baseline = git("rev-parse", "--short=7", "HEAD")
+    results = repo / "results.tsv"
+    results.write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n")
+    verdict = lambda: subprocess.run([sys.executable, str(repo / "analysis.py"), "--verdict"], cwd=repo,
+                                     capture_output=True, text=True, timeout=120)
+    run_env = {**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"}
+
+    def start(log):  # program.md's run command, all output to a log (beside the repository: .gitignore has run.log)
+        with open(tmp_path / log, "w") as out:
+            return subprocess.Popen([sys.executable, str(repo / "train.py")], cwd=repo, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **run_env})
+
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 2))]
+    try:  # the three baseline runs at once: they load the machine too, and take a minute instead of three
+        runs = [start(f"run{i}.log") for i in range(3)]
+        assert [proc.wait(timeout=900) for proc in runs] == [0, 0, 0], (tmp_path / "run0.log").read_text()[-3000:]
+    finally:
+        for proc in load:
+            proc.kill()
+            proc.wait()
+    loaded = run_records(str(repo / "train.py"))
+    with open(results, "a") as f:  # the baseline's rows as program.md shows them
+        for r, status in zip(loaded, ("rerun", "rerun", "keep")):
+            f.write(f"{baseline}\t{r['val_bpb']}\t0.1\t{status}\tbaseline\n")
+
+    with open(repo / "train.py", "a") as f:
+        f.write("# a comment: the code is the same\n")
+    git("commit", "-q", "-am", "a comment")
+    assert start("run.log").wait(timeout=900) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    *_, quiet = run_records(str(repo / "train.py"))
+    result = verdict()
+    assert result.returncode == 0, result.stderr
+    word, *lines = result.stdout.splitlines()
+    assert quiet["machine_speed"] > 1.5 * max(r["machine_speed"] for r in loaded), (loaded, quiet)  # the load shows
+    # rerun, naming the machine: it was slower during the baseline's runs (or, on a busy machine, changed during
+    # this one)
+    assert word == "rerun" and any(f"slower during the last kept commit {baseline}'s runs" in line or
+                                   "the machine's speed changed" in line for line in lines), result.stdout
