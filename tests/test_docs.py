@@ -432,7 +432,9 @@ def test_bench_verdict_runs():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_verdict.py"), "200"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2 + 6  # two header lines, one line per true gain
+    # two header lines, one line per true gain; then the drift tables: a blank line and their header, and for each of
+    # two machines and two patterns a blank line, a title, a header and one line per true gain
+    assert len(result.stdout.splitlines()) == 2 + 6 + 2 + 2 * 2 * (3 + 6)
 
 
 def test_program_md_works_on_every_backend():
