@@ -452,9 +452,11 @@ def test_runs_on_a_detached_head_at_a_commit_of_the_branch_count(tmp_path):
     returncode, out, err = cli(tmp_path, "--verdict")
     assert returncode == 0, err
     assert out.splitlines()[0] == "keep" and f"last kept {base}: val_bpb 1.000000 (mean of 3 runs" in out
-    git("checkout", "-q", base)
+    git("checkout", "-q", base)  # program.md's `git checkout <kept>`: the verdict waits for the branch
     returncode, out, err = cli(tmp_path, "--verdict")
     assert returncode == 1 and err.startswith("error: HEAD is detached")
+    git("checkout", "-q", "autoresearch/one")  # and `git checkout autoresearch/<tag>`
+    assert cli(tmp_path, "--verdict")[1].splitlines()[0] == "keep"
 
 
 def test_every_verdict_is_stored_and_the_report_shows_keeps_as_decided(tmp_path):
