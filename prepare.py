@@ -469,6 +469,9 @@ def tokenizer_staleness(train_paths):
         return "no tokenizer yet" if record is None else "tokenizer files missing"
     if (record.get("vocab_size"), record.get("pattern")) != (VOCAB_SIZE, SPLIT_PATTERN):
         return "tokenizer settings changed"
+    problem = read_encoding(TOKENIZER_DIR)[1]
+    if problem is not None:
+        return f"tokenizer.pkl {problem}"
     current = [shard_identity(p) for p in train_paths]
     if not record["complete"]:  # training stopped at max_chars: later shards were never read
         current = current[:len(record["shards"])]
@@ -537,8 +540,8 @@ def token_bytes_problem(enc, tokenizer_dir):
         table = np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
     except FileNotFoundError:
         return "is missing"
-    except (OSError, ValueError) as e:
-        return f"is unreadable ({e})"
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        return f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
     expected = token_byte_lengths(enc)
     if table.shape != expected.shape:
         return f"has {table.size} entries for {expected.size} tokens"
@@ -707,12 +710,26 @@ def load_encoding(tokenizer_dir):
         if not list_parquet_files():
             raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
         raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
-    with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
-        enc = pickle.load(f)
-    if enc.n_vocab != VOCAB_SIZE:
-        raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
-                           f"{RUN_PREPARE}")
+    enc, problem = read_encoding(tokenizer_dir)
+    if problem is not None:
+        raise PrepareError(f"error: {os.path.join(tokenizer_dir, 'tokenizer.pkl')} {problem}: {RUN_PREPARE}")
     return enc
+
+
+def read_encoding(tokenizer_dir):
+    """(the encoding in tokenizer_dir's tokenizer.pkl, None), or (None, what is wrong with the file)."""
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+            enc = pickle.load(f)
+    except FileNotFoundError:
+        return None, "is missing"
+    except Exception as e:  # unpickling damaged bytes can raise almost anything: EOFError, KeyError, MemoryError...
+        return None, f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
+    if not isinstance(enc, tiktoken.Encoding):
+        return None, f"holds a {type(enc).__name__}, not a tokenizer"
+    if enc.n_vocab != VOCAB_SIZE:
+        return None, f"has {enc.n_vocab} tokens, not {VOCAB_SIZE}"
+    return enc, None
 
 
 def read_token_bytes(enc, tokenizer_dir):

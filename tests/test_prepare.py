@@ -386,6 +386,42 @@ def test_token_bytes_of_an_older_prepare_are_refused_then_rewritten(cache_copy):
     assert snapshot(cache_copy / "tokens") == before
     assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(enc).tolist()
 
+def corrupt(path, how):
+    body = path.read_bytes()
+    path.write_bytes({"truncated": body[:len(body) // 2], "random bytes": random.Random(0).randbytes(len(body)),
+                      "empty": b""}[how])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.pkl", "token_bytes.npy"])
+@pytest.mark.parametrize("how", ["truncated", "random bytes", "empty"])
+def test_corrupt_tokenizer_file_is_one_line_naming_it(cache_copy, name, how):
+    """A tokenizer file damaged on disk (a full disk, a killed copy): the trainers stop with one line naming the file
+    and what to run, not an unpickling or numpy traceback."""
+    path = cache_copy / "tokenizer" / name
+    corrupt(path, how)
+    for load in (prepare.get_token_bytes, lambda: load_tokenizer(cache_copy)):
+        with pytest.raises(prepare.PrepareError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"error: {path} ") and message.endswith(": run `uv run prepare.py`")
+        assert "\n" not in message
+    result = run_python("import prepare; prepare.Tokenizer.from_directory()")
+    assert result.returncode == 1 and result.stderr.splitlines() == [message]
+
+
+@pytest.mark.parametrize("name,how,repair", [
+    ("tokenizer.pkl", "random bytes", "Tokenizer: tokenizer.pkl is unreadable"),
+    ("token_bytes.npy", "empty", "rewrote token_bytes.npy, which is unreadable"),
+])
+def test_prepare_repairs_a_corrupt_tokenizer_file(cache_copy, name, how, repair):
+    corrupt(cache_copy / "tokenizer" / name, how)
+    result = run_prepare("--num-shards", "3", env=UNREACHABLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert repair in result.stdout
+    assert "Tokens: all 4 shards already tokenized" in result.stdout  # the same text trains the same merges
+    assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(load_tokenizer(cache_copy).enc).tolist()
+
+
 # ---------------------------------------------------------------------------
 # --source: local corpora
 # ---------------------------------------------------------------------------
