@@ -17,6 +17,7 @@ import sys
 import json
 import math
 import time
+import fcntl
 import queue
 import shlex
 import pickle
@@ -92,6 +93,7 @@ SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TO
                                   # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
 RUN_PREPARE = "run `uv run prepare.py`"
+LOCK_FILE = ".prepare.lock"       # in CACHE_DIR: one prepare.py at a time per cache; holds the running one's pid
 
 # ---------------------------------------------------------------------------
 # Data download
@@ -119,10 +121,15 @@ def check_shard(path, full=False):
     return None
 
 
+def tmp_name(path):
+    """Where to write path before renaming it into place: a name of this process's own, so two runs never share one."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
 def download_shard(name, base_url, backoff, log):
-    """Stream one shard to name.tmp, verify it, rename it into place. Returns True on success."""
+    """Stream one shard to a temporary file, verify it, rename it into place. Returns True on success."""
     path = os.path.join(DATA_DIR, name)
-    tmp_path = path + ".tmp"
+    tmp_path = tmp_name(path)
     url = f"{base_url}/{name}"
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
@@ -153,8 +160,8 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
     """Download training shards 0..num_shards-1 + the pinned validation shard; verify what is already there."""
     os.makedirs(DATA_DIR, exist_ok=True)
     names = [shard_name(i) for i in range(min(num_shards, MAX_SHARD))] + [VAL_FILENAME]
-    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
-        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run; restarted from scratch below
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run (main holds the cache lock); redone below
     missing = []
     for name in names:
         path = os.path.join(DATA_DIR, name)
@@ -316,14 +323,15 @@ def write_shard(name, docs):
     """Write docs as DATA_DIR/name in row groups of ROW_GROUP_DOCS; keep the old file if the bytes are
     identical, so rerunning --source on the same corpus retrains nothing. Returns True if it changed."""
     path = os.path.join(DATA_DIR, name)
+    tmp_path = tmp_name(path)
     schema = pa.schema([("text", pa.string())])
-    with pq.ParquetWriter(path + ".tmp", schema, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
         for i in range(0, len(docs), ROW_GROUP_DOCS):
             writer.write_table(pa.table({"text": docs[i:i + ROW_GROUP_DOCS]}, schema=schema))
-    if os.path.exists(path) and filecmp.cmp(path + ".tmp", path, shallow=False):
-        os.remove(path + ".tmp")
+    if os.path.exists(path) and filecmp.cmp(tmp_path, path, shallow=False):
+        os.remove(tmp_path)
         return False
-    os.replace(path + ".tmp", path)
+    os.replace(tmp_path, path)
     return True
 
 
@@ -342,8 +350,8 @@ def build_from_source(source):
     if existing and previous is None:
         raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
                            f"to another folder to use --source")
-    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
-        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run (main holds the cache lock)
 
     def train_docs():
         for f in train_files:
@@ -456,9 +464,9 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    with open(tmp_name(path), "w") as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp_name(path), path)
 
 
 def tokenizer_staleness(train_paths):
@@ -620,9 +628,9 @@ def tokenize_data():
         name, identity = os.path.basename(path), shard_identity(path)
         tokens, offsets, row_groups = tokenize_shard(path, tokenizer)
         for dst, array in zip(token_files(cache_dir, name), (tokens, offsets)):
-            with open(dst + ".tmp", "wb") as f:
+            with open(tmp_name(dst), "wb") as f:
                 np.save(f, array)
-            os.replace(dst + ".tmp", dst)
+            os.replace(tmp_name(dst), dst)
         manifest["shards"][name] = {"identity": identity, "row_groups": row_groups, "num_tokens": len(tokens)}
         write_json(manifest_path, manifest)
         total += len(tokens)
@@ -907,6 +915,25 @@ def evaluate_bpb(model, tokenizer, batch_size, reuse_compiled=False):
 # Main
 # ---------------------------------------------------------------------------
 
+def hold_cache_lock():
+    """Wait until no other prepare.py works on CACHE_DIR, then keep it out until this process exits (the lock goes
+    with the open file, so a killed run never leaves a stale one)."""
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    lock = open(os.path.join(CACHE_DIR, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().strip()
+        pid = f" (pid {other})" if other.isdigit() else ""
+        print(f"Cache: waiting for another prepare.py{pid} to finish with {CACHE_DIR}", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def main():
     parser = argparse.ArgumentParser(
         description="Prepare data and tokenizer for autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -926,6 +953,7 @@ def main():
     num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
 
     print(f"Cache directory: {CACHE_DIR}")
+    lock = hold_cache_lock()  # kept until exit (dropped, the file would close): two runs delete each other's files
     print()
 
     # Step 1: data

@@ -5,6 +5,7 @@ failure, and a run interrupted with Ctrl-C then resumed. Every case ends with al
 """
 
 import filecmp
+import glob
 import os
 import shutil
 import signal
@@ -147,6 +148,30 @@ def test_missing_shard_fails_at_once_and_the_cli_exits_nonzero(synthetic_corpus,
     assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
 
 
+def test_two_prepares_at_once_on_one_fresh_cache(server, synthetic_corpus, tmp_path):
+    """Two prepare.py started together on one empty cache (two terminals, two agents): both finish, and the cache
+    they leave is complete and loads."""
+    env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "AUTORESEARCH_DATA_URL": server.url}
+    server.faults["shard_06542.parquet"] = ["stall", "stall"]  # holds both runs at one point, so they overlap
+    procs = [subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    deadline = time.time() + 60
+    while requests_for(server, "shard_06542.parquet") < 1 or len(glob.glob(str(tmp_path / "cache/data/*.tmp"))) < 1:
+        assert time.time() < deadline, "no run reached the stalled shard"
+        time.sleep(0.05)
+    time.sleep(2)  # the other run: its download stalls too, or it waits for the first
+    server.release.set()
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outs)
+    assert all("Done! Ready to train." in out for out in outs)
+    assert sum("Cache: waiting for another prepare.py" in out for out in outs) == 1  # the second ran after the first
+    assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
+    result = run_python("import prepare; t = prepare.Tokenizer.from_directory(); "
+                        "next(prepare.make_dataloader(t, 2, 64, 'val')); print(prepare.data_fingerprint())",
+                        env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0 and len(result.stdout.strip()) == 8, result.stderr
+
+
 def test_base_url_overrides():
     show = "import prepare; print(prepare.BASE_URL)"
     hub = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -167,7 +192,7 @@ def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (all((data_dir / n).exists() for n in NAMES[:3]) and (data_dir / "shard_06542.parquet.tmp").exists()):
+    while not (all((data_dir / n).exists() for n in NAMES[:3]) and glob.glob(str(data_dir / "shard_06542.parquet.*.tmp"))):
         assert proc.poll() is None and time.time() < deadline, "download did not reach the stalled shard"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
