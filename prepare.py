@@ -25,6 +25,7 @@ import hashlib
 import argparse
 import filecmp
 import threading
+import urllib.parse
 from bisect import bisect_right, insort
 from collections import deque
 from itertools import zip_longest
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 import requests
 import rustbpe
 import tiktoken
+from urllib3.exceptions import NewConnectionError  # requests' own transport
 
 
 class PrepareError(SystemExit):
@@ -126,12 +128,31 @@ def tmp_name(path):
     return f"{path}.{os.getpid()}.tmp"
 
 
-def download_shard(name, base_url, backoff, log):
-    """Stream one shard to a temporary file, verify it, rename it into place. Returns True on success."""
+OFFLINE_HINT = ("offline, set HF_ENDPOINT to a Hugging Face mirror or AUTORESEARCH_DATA_URL to a folder of shards, or "
+                "build the data from local files with `uv run prepare.py --source PATH`")
+
+
+def unreachable(e, base_url):
+    """A one-line error if e is a failure to reach the server at all (the name does not resolve, the connection is
+    refused: offline or a wrong URL, which retries cannot mend), else None. A timeout, a 5xx or a connection dropped
+    mid-transfer is not one: those are retried."""
+    reason = getattr(e.args[0], "reason", None) if isinstance(e, requests.ConnectionError) and e.args else None
+    if not isinstance(reason, NewConnectionError):
+        return None
+    why = getattr(reason.__cause__, "strerror", None) or str(reason)  # the socket's error, without urllib3's wrapping
+    return f"error: cannot reach {urllib.parse.urlsplit(base_url).netloc} ({why}): {OFFLINE_HINT}"
+
+
+def download_shard(name, base_url, backoff, log, stop=None):
+    """Stream one shard to a temporary file, verify it, rename it into place. Returns True on success. An unreachable
+    server raises PrepareError at once; stop (a threading.Event) set by another worker ends the retries."""
     path = os.path.join(DATA_DIR, name)
     tmp_path = tmp_name(path)
     url = f"{base_url}/{name}"
+    stop = stop or threading.Event()
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        if stop.is_set():
+            return False
         try:
             with requests.get(url, stream=True, timeout=30) as response:
                 response.raise_for_status()
@@ -146,6 +167,9 @@ def download_shard(name, base_url, backoff, log):
         except (requests.RequestException, OSError, ValueError) as e:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
+            fatal = unreachable(e, base_url)
+            if fatal is not None:
+                raise PrepareError(fatal)
             status = getattr(getattr(e, "response", None), "status_code", None)
             permanent = status is not None and 400 <= status < 500 and status != 429  # e.g. 404: retrying won't help
             if attempt == DOWNLOAD_ATTEMPTS or permanent:
@@ -153,7 +177,7 @@ def download_shard(name, base_url, backoff, log):
                 return False
             delay = backoff * 2 ** (attempt - 1)
             log(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
-            time.sleep(delay)
+            stop.wait(delay)
 
 
 def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RETRY_BACKOFF):
@@ -180,6 +204,7 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
     todo, lock = queue.Queue(), threading.Lock()
     for name in missing:
         todo.put(name)
+    stop, fatal = threading.Event(), []  # the first unreachable-server error stops every worker; it alone is reported
     done, nbytes, t0 = 0, 0, time.time()
 
     def log(line):
@@ -188,12 +213,18 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
 
     def worker():
         nonlocal done, nbytes
-        while True:
+        while not stop.is_set():
             try:
                 name = todo.get_nowait()
             except queue.Empty:
                 return
-            ok = download_shard(name, base_url, backoff, log)
+            try:
+                ok = download_shard(name, base_url, backoff, log, stop)
+            except PrepareError as e:
+                fatal.append(e)
+                stop.set()
+            if stop.is_set():
+                return
             with lock:
                 done += 1
                 nbytes += os.path.getsize(os.path.join(DATA_DIR, name)) if ok else 0
@@ -207,12 +238,12 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
         t.start()
     for t in threads:
         t.join()
+    if fatal:
+        raise fatal[0]
     failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
     if failed:
         raise PrepareError(f"error: {len(failed)} of {len(names)} shards could not be downloaded from {base_url} "
-                           f"({first_names(failed)}): rerun to retry; offline, set HF_ENDPOINT to a Hugging Face "
-                           f"mirror or AUTORESEARCH_DATA_URL to a folder of shards, or build the data from local files "
-                           f"with `uv run prepare.py --source PATH`")
+                           f"({first_names(failed)}): rerun to retry; {OFFLINE_HINT}")
     print(f"Data: {len(names)}/{len(names)} shards ready at {DATA_DIR}")
 
 

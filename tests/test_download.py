@@ -111,12 +111,29 @@ def offline_hint(failed, total, url, names):
             f"build the data from local files with `uv run prepare.py --source PATH`")
 
 
-def test_every_shard_failing_names_a_few_and_the_ways_to_work_offline(data_dir, capsys):
-    url = "http://127.0.0.1:9"  # nothing listens: every attempt fails at once
-    with pytest.raises(prepare.PrepareError) as info:
-        prepare.download_data(5, download_workers=8, base_url=url, backoff=0.001)
-    assert str(info.value) == offline_hint(6, 6, url, "shard_00000.parquet, shard_00001.parquet, shard_00002.parquet "
-                                                       "and 3 more")
+def test_every_shard_failing_names_a_few_and_the_ways_to_work_offline(data_dir, tmp_path, capsys):
+    with serve_shards(tmp_path / "empty") as server:  # a mirror without the dataset: every shard is a 404
+        with pytest.raises(prepare.PrepareError) as info:
+            prepare.download_data(5, download_workers=8, base_url=server.url, backoff=0.001)
+    assert str(info.value) == offline_hint(6, 6, server.url, "shard_00000.parquet, shard_00001.parquet, "
+                                                              "shard_00002.parquet and 3 more")
+
+
+@pytest.mark.parametrize("url,host", [("http://127.0.0.1:9", "127.0.0.1:9"),  # nothing listens: refused
+                                      ("http://nonexistent.invalid/shards", "nonexistent.invalid")])  # never resolves
+def test_unreachable_server_is_one_line_at_once(tmp_path, url, host):
+    """Offline, or a wrong mirror: the server cannot be reached at all, so retrying with backoff cannot help. One line
+    naming the host and the ways to work without it, at once, instead of every worker's retries."""
+    t0 = time.time()
+    result = run_prepare("--num-shards", "20", env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"),
+                                                    "AUTORESEARCH_DATA_URL": url})
+    assert time.time() - t0 < 15  # the retries' backoff alone is 2 + 4 + 8 + 16 = 30 s
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: cannot reach {host} (")
+    assert line.endswith("): offline, set HF_ENDPOINT to a Hugging Face mirror or AUTORESEARCH_DATA_URL to a folder "
+                         "of shards, or build the data from local files with `uv run prepare.py --source PATH`")
+    assert "attempt" not in result.stdout and "FAILED" not in result.stdout and "Tokenizer" not in result.stdout
 
 
 def test_persistent_failure_names_the_shard_then_a_rerun_completes(server, data_dir, synthetic_corpus, capsys):
