@@ -17,6 +17,7 @@ import sys
 import json
 import math
 import time
+import fcntl
 import queue
 import shlex
 import pickle
@@ -24,6 +25,7 @@ import hashlib
 import argparse
 import filecmp
 import threading
+import urllib.parse
 from bisect import bisect_right, insort
 from collections import deque
 from itertools import zip_longest
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 import requests
 import rustbpe
 import tiktoken
+from urllib3.exceptions import NewConnectionError  # requests' own transport
 
 
 class PrepareError(SystemExit):
@@ -92,6 +95,7 @@ SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TO
                                   # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
 RUN_PREPARE = "run `uv run prepare.py`"
+LOCK_FILE = ".prepare.lock"       # in CACHE_DIR: one prepare.py at a time per cache; holds the running one's pid
 
 # ---------------------------------------------------------------------------
 # Data download
@@ -119,12 +123,36 @@ def check_shard(path, full=False):
     return None
 
 
-def download_shard(name, base_url, backoff, log):
-    """Stream one shard to name.tmp, verify it, rename it into place. Returns True on success."""
+def tmp_name(path):
+    """Where to write path before renaming it into place: a name of this process's own, so two runs never share one."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+OFFLINE_HINT = ("offline, set HF_ENDPOINT to a Hugging Face mirror or AUTORESEARCH_DATA_URL to a folder of shards, or "
+                "build the data from local files with `uv run prepare.py --source PATH`")
+
+
+def unreachable(e, base_url):
+    """A one-line error if e is a failure to reach the server at all (the name does not resolve, the connection is
+    refused: offline or a wrong URL, which retries cannot mend), else None. A timeout, a 5xx or a connection dropped
+    mid-transfer is not one: those are retried."""
+    reason = getattr(e.args[0], "reason", None) if isinstance(e, requests.ConnectionError) and e.args else None
+    if not isinstance(reason, NewConnectionError):
+        return None
+    why = getattr(reason.__cause__, "strerror", None) or str(reason)  # the socket's error, without urllib3's wrapping
+    return f"error: cannot reach {urllib.parse.urlsplit(base_url).netloc} ({why}): {OFFLINE_HINT}"
+
+
+def download_shard(name, base_url, backoff, log, stop=None):
+    """Stream one shard to a temporary file, verify it, rename it into place. Returns True on success. An unreachable
+    server raises PrepareError at once; stop (a threading.Event) set by another worker ends the retries."""
     path = os.path.join(DATA_DIR, name)
-    tmp_path = path + ".tmp"
+    tmp_path = tmp_name(path)
     url = f"{base_url}/{name}"
+    stop = stop or threading.Event()
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        if stop.is_set():
+            return False
         try:
             with requests.get(url, stream=True, timeout=30) as response:
                 response.raise_for_status()
@@ -139,6 +167,9 @@ def download_shard(name, base_url, backoff, log):
         except (requests.RequestException, OSError, ValueError) as e:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
+            fatal = unreachable(e, base_url)
+            if fatal is not None:
+                raise PrepareError(fatal)
             status = getattr(getattr(e, "response", None), "status_code", None)
             permanent = status is not None and 400 <= status < 500 and status != 429  # e.g. 404: retrying won't help
             if attempt == DOWNLOAD_ATTEMPTS or permanent:
@@ -146,15 +177,15 @@ def download_shard(name, base_url, backoff, log):
                 return False
             delay = backoff * 2 ** (attempt - 1)
             log(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
-            time.sleep(delay)
+            stop.wait(delay)
 
 
 def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RETRY_BACKOFF):
     """Download training shards 0..num_shards-1 + the pinned validation shard; verify what is already there."""
     os.makedirs(DATA_DIR, exist_ok=True)
     names = [shard_name(i) for i in range(min(num_shards, MAX_SHARD))] + [VAL_FILENAME]
-    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
-        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run; restarted from scratch below
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run (main holds the cache lock); redone below
     missing = []
     for name in names:
         path = os.path.join(DATA_DIR, name)
@@ -173,6 +204,7 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
     todo, lock = queue.Queue(), threading.Lock()
     for name in missing:
         todo.put(name)
+    stop, fatal = threading.Event(), []  # the first unreachable-server error stops every worker; it alone is reported
     done, nbytes, t0 = 0, 0, time.time()
 
     def log(line):
@@ -181,12 +213,18 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
 
     def worker():
         nonlocal done, nbytes
-        while True:
+        while not stop.is_set():
             try:
                 name = todo.get_nowait()
             except queue.Empty:
                 return
-            ok = download_shard(name, base_url, backoff, log)
+            try:
+                ok = download_shard(name, base_url, backoff, log, stop)
+            except PrepareError as e:
+                fatal.append(e)
+                stop.set()
+            if stop.is_set():
+                return
             with lock:
                 done += 1
                 nbytes += os.path.getsize(os.path.join(DATA_DIR, name)) if ok else 0
@@ -200,12 +238,12 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
         t.start()
     for t in threads:
         t.join()
+    if fatal:
+        raise fatal[0]
     failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
     if failed:
         raise PrepareError(f"error: {len(failed)} of {len(names)} shards could not be downloaded from {base_url} "
-                           f"({first_names(failed)}): rerun to retry; offline, set HF_ENDPOINT to a Hugging Face "
-                           f"mirror or AUTORESEARCH_DATA_URL to a folder of shards, or build the data from local files "
-                           f"with `uv run prepare.py --source PATH`")
+                           f"({first_names(failed)}): rerun to retry; {OFFLINE_HINT}")
     print(f"Data: {len(names)}/{len(names)} shards ready at {DATA_DIR}")
 
 
@@ -316,14 +354,15 @@ def write_shard(name, docs):
     """Write docs as DATA_DIR/name in row groups of ROW_GROUP_DOCS; keep the old file if the bytes are
     identical, so rerunning --source on the same corpus retrains nothing. Returns True if it changed."""
     path = os.path.join(DATA_DIR, name)
+    tmp_path = tmp_name(path)
     schema = pa.schema([("text", pa.string())])
-    with pq.ParquetWriter(path + ".tmp", schema, compression="zstd") as writer:
+    with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
         for i in range(0, len(docs), ROW_GROUP_DOCS):
             writer.write_table(pa.table({"text": docs[i:i + ROW_GROUP_DOCS]}, schema=schema))
-    if os.path.exists(path) and filecmp.cmp(path + ".tmp", path, shallow=False):
-        os.remove(path + ".tmp")
+    if os.path.exists(path) and filecmp.cmp(tmp_path, path, shallow=False):
+        os.remove(tmp_path)
         return False
-    os.replace(path + ".tmp", path)
+    os.replace(tmp_path, path)
     return True
 
 
@@ -342,8 +381,8 @@ def build_from_source(source):
     if existing and previous is None:
         raise PrepareError(f"error: {DATA_DIR} holds downloaded shards; delete them or set AUTORESEARCH_CACHE_DIR "
                            f"to another folder to use --source")
-    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".parquet.tmp")]:
-        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run
+    for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".tmp")]:
+        os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run (main holds the cache lock)
 
     def train_docs():
         for f in train_files:
@@ -456,9 +495,9 @@ def read_json(path):
 
 
 def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    with open(tmp_name(path), "w") as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp_name(path), path)
 
 
 def tokenizer_staleness(train_paths):
@@ -469,6 +508,9 @@ def tokenizer_staleness(train_paths):
         return "no tokenizer yet" if record is None else "tokenizer files missing"
     if (record.get("vocab_size"), record.get("pattern")) != (VOCAB_SIZE, SPLIT_PATTERN):
         return "tokenizer settings changed"
+    problem = read_encoding(TOKENIZER_DIR)[1]
+    if problem is not None:
+        return f"tokenizer.pkl {problem}"
     current = [shard_identity(p) for p in train_paths]
     if not record["complete"]:  # training stopped at max_chars: later shards were never read
         current = current[:len(record["shards"])]
@@ -537,8 +579,8 @@ def token_bytes_problem(enc, tokenizer_dir):
         table = np.load(os.path.join(tokenizer_dir, "token_bytes.npy"))
     except FileNotFoundError:
         return "is missing"
-    except (OSError, ValueError) as e:
-        return f"is unreadable ({e})"
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        return f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
     expected = token_byte_lengths(enc)
     if table.shape != expected.shape:
         return f"has {table.size} entries for {expected.size} tokens"
@@ -617,9 +659,9 @@ def tokenize_data():
         name, identity = os.path.basename(path), shard_identity(path)
         tokens, offsets, row_groups = tokenize_shard(path, tokenizer)
         for dst, array in zip(token_files(cache_dir, name), (tokens, offsets)):
-            with open(dst + ".tmp", "wb") as f:
+            with open(tmp_name(dst), "wb") as f:
                 np.save(f, array)
-            os.replace(dst + ".tmp", dst)
+            os.replace(tmp_name(dst), dst)
         manifest["shards"][name] = {"identity": identity, "row_groups": row_groups, "num_tokens": len(tokens)}
         write_json(manifest_path, manifest)
         total += len(tokens)
@@ -707,12 +749,26 @@ def load_encoding(tokenizer_dir):
         if not list_parquet_files():
             raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
         raise PrepareError(f"error: no tokenizer in {tokenizer_dir}: {RUN_PREPARE}")
-    with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
-        enc = pickle.load(f)
-    if enc.n_vocab != VOCAB_SIZE:
-        raise PrepareError(f"error: the tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens, not {VOCAB_SIZE}: "
-                           f"{RUN_PREPARE}")
+    enc, problem = read_encoding(tokenizer_dir)
+    if problem is not None:
+        raise PrepareError(f"error: {os.path.join(tokenizer_dir, 'tokenizer.pkl')} {problem}: {RUN_PREPARE}")
     return enc
+
+
+def read_encoding(tokenizer_dir):
+    """(the encoding in tokenizer_dir's tokenizer.pkl, None), or (None, what is wrong with the file)."""
+    try:
+        with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "rb") as f:
+            enc = pickle.load(f)
+    except FileNotFoundError:
+        return None, "is missing"
+    except Exception as e:  # unpickling damaged bytes can raise almost anything: EOFError, KeyError, MemoryError...
+        return None, f"is unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
+    if not isinstance(enc, tiktoken.Encoding):
+        return None, f"holds a {type(enc).__name__}, not a tokenizer"
+    if enc.n_vocab != VOCAB_SIZE:
+        return None, f"has {enc.n_vocab} tokens, not {VOCAB_SIZE}"
+    return enc, None
 
 
 def read_token_bytes(enc, tokenizer_dir):
@@ -890,6 +946,25 @@ def evaluate_bpb(model, tokenizer, batch_size, reuse_compiled=False):
 # Main
 # ---------------------------------------------------------------------------
 
+def hold_cache_lock():
+    """Wait until no other prepare.py works on CACHE_DIR, then keep it out until this process exits (the lock goes
+    with the open file, so a killed run never leaves a stale one)."""
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    lock = open(os.path.join(CACHE_DIR, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().strip()
+        pid = f" (pid {other})" if other.isdigit() else ""
+        print(f"Cache: waiting for another prepare.py{pid} to finish with {CACHE_DIR}", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def main():
     parser = argparse.ArgumentParser(
         description="Prepare data and tokenizer for autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -909,6 +984,7 @@ def main():
     num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
 
     print(f"Cache directory: {CACHE_DIR}")
+    lock = hold_cache_lock()  # kept until exit (dropped, the file would close): two runs delete each other's files
     print()
 
     # Step 1: data

@@ -5,6 +5,7 @@ failure, and a run interrupted with Ctrl-C then resumed. Every case ends with al
 """
 
 import filecmp
+import glob
 import os
 import shutil
 import signal
@@ -110,12 +111,29 @@ def offline_hint(failed, total, url, names):
             f"build the data from local files with `uv run prepare.py --source PATH`")
 
 
-def test_every_shard_failing_names_a_few_and_the_ways_to_work_offline(data_dir, capsys):
-    url = "http://127.0.0.1:9"  # nothing listens: every attempt fails at once
-    with pytest.raises(prepare.PrepareError) as info:
-        prepare.download_data(5, download_workers=8, base_url=url, backoff=0.001)
-    assert str(info.value) == offline_hint(6, 6, url, "shard_00000.parquet, shard_00001.parquet, shard_00002.parquet "
-                                                       "and 3 more")
+def test_every_shard_failing_names_a_few_and_the_ways_to_work_offline(data_dir, tmp_path, capsys):
+    with serve_shards(tmp_path / "empty") as server:  # a mirror without the dataset: every shard is a 404
+        with pytest.raises(prepare.PrepareError) as info:
+            prepare.download_data(5, download_workers=8, base_url=server.url, backoff=0.001)
+    assert str(info.value) == offline_hint(6, 6, server.url, "shard_00000.parquet, shard_00001.parquet, "
+                                                              "shard_00002.parquet and 3 more")
+
+
+@pytest.mark.parametrize("url,host", [("http://127.0.0.1:9", "127.0.0.1:9"),  # nothing listens: refused
+                                      ("http://nonexistent.invalid/shards", "nonexistent.invalid")])  # never resolves
+def test_unreachable_server_is_one_line_at_once(tmp_path, url, host):
+    """Offline, or a wrong mirror: the server cannot be reached at all, so retrying with backoff cannot help. One line
+    naming the host and the ways to work without it, at once, instead of every worker's retries."""
+    t0 = time.time()
+    result = run_prepare("--num-shards", "20", env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"),
+                                                    "AUTORESEARCH_DATA_URL": url})
+    assert time.time() - t0 < 15  # the retries' backoff alone is 2 + 4 + 8 + 16 = 30 s
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: cannot reach {host} (")
+    assert line.endswith("): offline, set HF_ENDPOINT to a Hugging Face mirror or AUTORESEARCH_DATA_URL to a folder "
+                         "of shards, or build the data from local files with `uv run prepare.py --source PATH`")
+    assert "attempt" not in result.stdout and "FAILED" not in result.stdout and "Tokenizer" not in result.stdout
 
 
 def test_persistent_failure_names_the_shard_then_a_rerun_completes(server, data_dir, synthetic_corpus, capsys):
@@ -147,6 +165,30 @@ def test_missing_shard_fails_at_once_and_the_cli_exits_nonzero(synthetic_corpus,
     assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
 
 
+def test_two_prepares_at_once_on_one_fresh_cache(server, synthetic_corpus, tmp_path):
+    """Two prepare.py started together on one empty cache (two terminals, two agents): both finish, and the cache
+    they leave is complete and loads."""
+    env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "AUTORESEARCH_DATA_URL": server.url}
+    server.faults["shard_06542.parquet"] = ["stall", "stall"]  # holds both runs at one point, so they overlap
+    procs = [subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    deadline = time.time() + 60
+    while requests_for(server, "shard_06542.parquet") < 1 or len(glob.glob(str(tmp_path / "cache/data/*.tmp"))) < 1:
+        assert time.time() < deadline, "no run reached the stalled shard"
+        time.sleep(0.05)
+    time.sleep(2)  # the other run: its download stalls too, or it waits for the first
+    server.release.set()
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outs)
+    assert all("Done! Ready to train." in out for out in outs)
+    assert sum("Cache: waiting for another prepare.py" in out for out in outs) == 1  # the second ran after the first
+    assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
+    result = run_python("import prepare; t = prepare.Tokenizer.from_directory(); "
+                        "next(prepare.make_dataloader(t, 2, 64, 'val')); print(prepare.data_fingerprint())",
+                        env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0 and len(result.stdout.strip()) == 8, result.stderr
+
+
 def test_base_url_overrides():
     show = "import prepare; print(prepare.BASE_URL)"
     hub = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -167,7 +209,7 @@ def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (all((data_dir / n).exists() for n in NAMES[:3]) and (data_dir / "shard_06542.parquet.tmp").exists()):
+    while not (all((data_dir / n).exists() for n in NAMES[:3]) and glob.glob(str(data_dir / "shard_06542.parquet.*.tmp"))):
         assert proc.poll() is None and time.time() < deadline, "download did not reach the stalled shard"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

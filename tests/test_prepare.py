@@ -4,6 +4,7 @@ original algorithm), evaluate_bpb for PyTorch and MLX, --source, reruns, and the
 gets when the cache is not ready. The download path is in test_download.py.
 """
 
+import fcntl
 import json
 import math
 import os
@@ -296,7 +297,9 @@ def test_trainer_without_validation_shard_exits_with_one_line(cache_copy):
 # ---------------------------------------------------------------------------
 
 def snapshot(folder, pattern="*"):
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob(pattern) if p.is_file()}
+    """Every file's mtime, but the lock file's: each run writes its pid there."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob(pattern)
+            if p.is_file() and p.name != prepare.LOCK_FILE}
 
 
 def validation_report(cache, eval_tokens=prepare.EVAL_TOKENS):
@@ -385,6 +388,66 @@ def test_token_bytes_of_an_older_prepare_are_refused_then_rewritten(cache_copy):
     assert "Tokens: all 4 shards already tokenized" in result.stdout
     assert snapshot(cache_copy / "tokens") == before
     assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(enc).tolist()
+
+def corrupt(path, how):
+    body = path.read_bytes()
+    path.write_bytes({"truncated": body[:len(body) // 2], "random bytes": random.Random(0).randbytes(len(body)),
+                      "empty": b""}[how])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.pkl", "token_bytes.npy"])
+@pytest.mark.parametrize("how", ["truncated", "random bytes", "empty"])
+def test_corrupt_tokenizer_file_is_one_line_naming_it(cache_copy, name, how):
+    """A tokenizer file damaged on disk (a full disk, a killed copy): the trainers stop with one line naming the file
+    and what to run, not an unpickling or numpy traceback."""
+    path = cache_copy / "tokenizer" / name
+    corrupt(path, how)
+    for load in (prepare.get_token_bytes, lambda: load_tokenizer(cache_copy)):
+        with pytest.raises(prepare.PrepareError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(f"error: {path} ") and message.endswith(": run `uv run prepare.py`")
+        assert "\n" not in message
+    result = run_python("import prepare; prepare.Tokenizer.from_directory()")
+    assert result.returncode == 1 and result.stderr.splitlines() == [message]
+
+
+@pytest.mark.parametrize("name,how,repair", [
+    ("tokenizer.pkl", "random bytes", "Tokenizer: tokenizer.pkl is unreadable"),
+    ("token_bytes.npy", "empty", "rewrote token_bytes.npy, which is unreadable"),
+])
+def test_prepare_repairs_a_corrupt_tokenizer_file(cache_copy, name, how, repair):
+    corrupt(cache_copy / "tokenizer" / name, how)
+    result = run_prepare("--num-shards", "3", env=UNREACHABLE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert repair in result.stdout
+    assert "Tokens: all 4 shards already tokenized" in result.stdout  # the same text trains the same merges
+    assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(load_tokenizer(cache_copy).enc).tolist()
+
+
+def test_second_prepare_on_a_cache_waits_for_the_first(cache_copy, tmp_path):
+    """Two prepare.py on one cache would overwrite each other's files: the second waits for the first's lock,
+    saying so once, then does its work."""
+    with open(cache_copy / ".prepare.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        with open(tmp_path / "out.txt", "w") as out:
+            proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **UNREACHABLE}, text=True)
+        wait_line = f"Cache: waiting for another prepare.py (pid {os.getpid()}) to finish with {cache_copy}"
+        deadline = time.time() + 60
+        while wait_line not in (tmp_path / "out.txt").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.05)
+        time.sleep(1)
+        assert proc.poll() is None  # still waiting
+        assert "Data:" not in (tmp_path / "out.txt").read_text()
+    assert proc.wait(timeout=120) == 0  # closing the file released the lock
+    out = (tmp_path / "out.txt").read_text()
+    assert out.count("waiting for another prepare.py") == 1 and "Done! Ready to train." in out
+
 
 # ---------------------------------------------------------------------------
 # --source: local corpora
