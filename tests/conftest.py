@@ -15,6 +15,29 @@ os.environ["AUTORESEARCH_CACHE_DIR"] = SESSION_CACHE_DIR
 atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
 
 
+def python_env(*front, **env):
+    """os.environ plus `env` for a child Python process, with `front` (the repository if none) put ahead of the
+    user's own PYTHONPATH. Replacing it would hide what is installed only there: on an NVIDIA box MLX's CUDA build
+    and rustbpe may come from `pip install --target DIR` with DIR on PYTHONPATH."""
+    kept = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join([*(front or (ROOT,)), *kept])}
+
+
+def hiding(tmp_path, *modules):
+    """Environment for a child process in which importing these modules fails as if they were not installed (a
+    sitecustomize on PYTHONPATH, so processes it execs, such as train.py's hand-over to train_mlx.py, inherit it)."""
+    folder = tmp_path / "hide"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {modules!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    return python_env(str(folder), ROOT)
+
+
 @pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory):
     """A folder of synthetic climbmix-format shards: shard_00000..00002 (training) + shard_06542 (validation)."""
@@ -51,7 +74,7 @@ def run_script(script, cwd, env=None, timeout=1200):
     log_path = os.path.join(cwd, "run.log")
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, script], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=timeout)
+                              env=python_env(**(env or {})), timeout=timeout)
     with open(log_path, newline="") as f:  # keep the progress line's \r as written
         return proc.returncode, log_path, f.read()
 

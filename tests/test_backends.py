@@ -8,7 +8,7 @@ import types
 import pytest
 
 import backends
-from conftest import ROOT
+from conftest import ROOT, hiding
 
 GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
 TIERS = ("base", "pro", "max", "ultra")
@@ -168,19 +168,9 @@ def test_every_install_and_backend_gives_a_backend_that_runs_or_one_line(machine
 
 
 def hide(tmp_path, *modules):
-    """Environment for a subprocess in which importing these modules fails as if they were not installed (a
-    sitecustomize on PYTHONPATH, so processes it execs, such as train.py's hand-over to train_mlx.py, inherit it)."""
-    folder = tmp_path / "hide"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Hide:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {modules!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Hide())\n")
-    environ = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_BACKEND"}
-    return {**environ, "PYTHONPATH": f"{folder}:{ROOT}", "AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty")}
+    """hiding() these modules, with no backend requested and an empty cache."""
+    environ = {k: v for k, v in hiding(tmp_path, *modules).items() if k != "AUTORESEARCH_BACKEND"}
+    return {**environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty")}
 
 
 def run(args, env, **extra):
