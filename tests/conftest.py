@@ -1,5 +1,6 @@
 """Shared test setup. No test may touch the real cache: point it at a throwaway folder before anything imports prepare."""
 import atexit
+import importlib
 import os
 import shutil
 import sys
@@ -13,6 +14,23 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/corpus.py
 SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
 os.environ["AUTORESEARCH_CACHE_DIR"] = SESSION_CACHE_DIR
 atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
+
+
+EXTRAS = {"mlx": "mlx", "torch": "mps"}  # the `uv sync --extra` that installs each framework
+
+
+def need(name):
+    """Import `name` (e.g. "mlx.core") or skip the test, or the module when called at its top, naming the extra that
+    installs the framework: the README's CPU/NVIDIA quick start installs PyTorch alone, a Mac may have MLX alone.
+    Only a framework that is not installed skips; one that is installed but fails to import still fails."""
+    __tracebackhide__ = True  # the skip's location is the caller's line, so `-rs` names the module or test
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != top:
+            raise
+        pytest.skip(f"{top} is not installed: uv sync --extra {EXTRAS[top]} (or --extra all)", allow_module_level=True)
 
 
 def python_env(*front, **env):
@@ -82,6 +100,7 @@ def run_script(script, cwd, env=None, timeout=1200):
 @pytest.fixture(scope="session")
 def torch_run(prepared_cache, tmp_path_factory):
     """`train.py` on the CPU backend for a few seconds: (returncode, run.log path, log text)."""
+    need("torch")
     return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("torch_run")),
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"})
 
@@ -89,6 +108,7 @@ def torch_run(prepared_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlx_run(prepared_cache, tmp_path_factory):
     """`train.py` with AUTORESEARCH_BACKEND=mlx, which hands over to train_mlx.py (MLX's CPU build here)."""
+    need("mlx")
     return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("mlx_run")),
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
 
@@ -98,7 +118,13 @@ def mlx_on_cpu():
     """The numeric tests compare MLX with float64 references and with PyTorch on the CPU. Pin MLX's default device
     to its CPU so a machine with a GPU runs the same comparisons (MLX's CUDA build computes float32 matmuls in TF32,
     about 1e-3 relative). test_devices.py picks the GPU explicitly with mx.stream."""
-    import mlx.core as mx
+    try:
+        import mlx.core as mx
+    except ModuleNotFoundError as e:  # without MLX there is nothing to pin; the tests that need it skip
+        if e.name != "mlx":
+            raise
+        yield
+        return
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
     yield

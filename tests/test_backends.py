@@ -8,7 +8,7 @@ import types
 import pytest
 
 import backends
-from conftest import ROOT, hiding
+from conftest import ROOT, hiding, need
 
 GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
 TIERS = ("base", "pro", "max", "ultra")
@@ -180,6 +180,7 @@ def run(args, env, **extra):
 
 def test_only_mlx_installed_for_real(tmp_path):
     """torch really unimportable: auto runs MLX, python -m backends says so, and asking for cpu is one line."""
+    need("mlx")
     env = hide(tmp_path, "torch")
     assert run(["-c", "import torch"], env).returncode == 1  # the hiding works
     result = run(["-m", "backends"], env)
@@ -453,7 +454,7 @@ def test_cuda_peak_and_syncs(monkeypatch):
 
 
 def test_mlx_peak_and_sync_with_real_mlx():
-    mx = pytest.importorskip("mlx.core")
+    mx = need("mlx.core")
     a = mx.ones((1024, 1024, 8))  # 32 MiB of float32
     mx.eval(a)
     backends.sync_device("mlx")
@@ -489,7 +490,7 @@ def test_frozen_objects_are_freed_at_exit_so_nothing_prints_after_the_summary():
     """The trainers freeze the GC after their first step (as the original). torch imports triton with torch._dynamo
     (here through the meta-device init); frozen, its objects outlive the last collection and nanobind reports them as
     ~30 lines of "leaked" at exit. Importing backends makes the exit collection free them instead."""
-    pytest.importorskip("torch")
+    need("torch")
     code = ("import gc, backends, torch\n"
             "with torch.device('meta'):\n"
             "    torch.nn.Embedding(8, 4)\n"
@@ -521,7 +522,7 @@ def test_python_m_backends_bad_env_is_one_line_and_nonzero():
 # ---------------------------------------------------------------------------
 
 def test_compiler_caches_go_to_the_autoresearch_cache_unless_the_user_chose(monkeypatch, tmp_path):
-    import mlx.core as mx
+    mx = need("mlx.core")
     monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     backends.keep_compiler_caches(str(tmp_path))

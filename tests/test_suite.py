@@ -2,13 +2,32 @@
 alone (`uv sync --extra mps`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
 through PYTHONPATH (`pip install --target`); the suite must collect and run on each, skipping by name what needs a
 framework that is not there."""
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, hiding, python_env, run_script
+from conftest import EXTRAS, ROOT, hiding, python_env, run_script
+
+
+@pytest.mark.parametrize("framework", sorted(EXTRAS))
+def test_the_suite_collects_without_a_framework_and_names_the_extra(tmp_path, framework):
+    """Collection only (cheap): no module fails to import, and each module that needs the missing framework is
+    skipped with a reason that says what to install."""
+    env = hiding(tmp_path, framework)
+    hidden = subprocess.run([sys.executable, "-c", f"import {framework}"], env=env, capture_output=True)
+    assert hidden.returncode == 1  # the hiding works
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs", "-p", "no:cacheprovider",
+                             "tests"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips, result.stdout[-3000:]  # every module but a few imports one framework or the other
+    missing = {framework} | {name for name in EXTRAS if importlib.util.find_spec(name) is None}  # or not here
+    reasons = tuple(f"{name} is not installed: uv sync --extra {EXTRAS[name]} (or --extra all)" for name in missing)
+    for line in skips:
+        assert line.endswith(reasons), line
 
 
 @pytest.fixture
