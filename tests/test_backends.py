@@ -1,6 +1,8 @@
 """backends/__init__.py: detection, hardware info, the memory model and tier table, peak FLOPS, device utilities.
 Macs and NVIDIA cards are faked by replacing the module's probes (_platform, _import, _run, _read_file)."""
+import importlib
 import os
+import re
 import subprocess
 import sys
 import types
@@ -208,9 +210,35 @@ def test_no_framework_installed_for_real(tmp_path, args):
     assert result.stderr.splitlines() == [expected]
 
 
-def test_auto_on_this_machine_is_cpu(monkeypatch):
+def installed(name):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.split(".")[0]:
+            raise
+        return None
+
+
+def auto_here():
+    """The backend auto must pick on the machine running the tests, asked of the frameworks themselves rather than
+    through backends' probes, in the order test_auto_preference_order checks: cpu on Linux without a GPU (CI), cuda
+    on an NVIDIA box, mlx on a Mac with MLX. None where no framework is installed."""
+    torch, mx = installed("torch"), installed("mlx.core")
+    if sys.platform == "darwin":
+        usable = {"mlx": mx and mx.metal.is_available(), "mps": torch and torch.backends.mps.is_available(),
+                  "cpu": torch}
+    else:
+        usable = {"cuda": torch and torch.cuda.is_available(), "cpu": torch, "mlx": mx}
+    return next((backend for backend, ok in usable.items() if ok), None)
+
+
+def test_auto_on_this_machine(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
-    assert backends.detect_backend() == "cpu"  # Linux, no GPU: the real probes, nothing faked
+    if auto_here() is None:
+        with pytest.raises(backends.BackendError):
+            backends.detect_backend()
+    else:
+        assert backends.detect_backend() == auto_here()  # the real probes, nothing faked
 
 # ---------------------------------------------------------------------------
 # Hardware info
@@ -266,9 +294,21 @@ def test_unknown_linux_machine_does_not_crash(machine):
 
 def test_this_machine(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    backend = auto_here() or pytest.skip("no framework installed: uv sync --extra all")
     hw = backends.get_hardware_info()
-    assert hw["backend"] == "cpu" and hw["tier"] == "cpu" and hw["chip"] != ""
+    assert hw["backend"] == backend and hw["chip"] != ""
     assert 0.5 < hw["memory_gb"] < 4096
+    mx = installed("mlx.core")
+    on_gpu = backend == "cuda" or (backend == "mlx" and sys.platform != "darwin" and mx.cuda.is_available())
+    if on_gpu:  # the card's name and memory, not the host's
+        torch = installed("torch")
+        assert hw["tier"] == "cuda" and hw["gpu_cores"] > 0
+        if torch is not None and torch.cuda.is_available():
+            assert hw["chip"] == torch.cuda.get_device_name(0)
+    elif sys.platform == "darwin":
+        assert hw["tier"] in TIERS + ("cpu",)
+    else:
+        assert hw["tier"] == "cpu" and hw["gpu_cores"] is None
 
 
 def test_nvidia_via_torch(machine):
@@ -507,7 +547,12 @@ def test_python_m_backends_prints_the_summary():
     keys = [line.split(":")[0] for line in result.stdout.splitlines()]
     assert keys == ["backend", "chip", "generation", "tier", "gpu_cores", "memory_gb", "depth", "device_batch_size",
                     "total_batch_size", "memory_estimate_gb", "peak_tflops_bf16"]
-    assert "backend:            cpu" in result.stdout and "estimate" in result.stdout
+    assert result.stdout.splitlines()[0] == f"backend:            {auto_here()}"
+    # the peak FLOPS say where they come from: an estimate on a CPU or a Mac, the datasheet on a known NVIDIA card
+    peak = result.stdout.splitlines()[-1]
+    assert re.fullmatch(r"peak_tflops_bf16: +\d+\.\d \((estimate: .+|NVIDIA datasheet, .+, dense bf16)\)", peak), peak
+    if "tier:               cpu" in result.stdout.splitlines():
+        assert "(estimate: " in peak
 
 
 def test_python_m_backends_bad_env_is_one_line_and_nonzero():
