@@ -113,6 +113,25 @@ def mlx_run(prepared_cache, tmp_path_factory):
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
 
 
+RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts.jsonl")  # what a night writes
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_repository():
+    """A test that runs a trainer or analysis.py in the repository root would add to the user's own night: its
+    runs.jsonl, run.log, progress.png, results.tsv. Runs belong in a tmp folder; this fails the test that wrote."""
+    def state():
+        paths = {name: os.path.join(ROOT, name) for name in RUN_OUTPUTS}
+        return {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
+                if os.path.exists(path)}
+    before = state()
+    yield
+    after = state()
+    written = sorted(name for name in after if after[name] != before.get(name))
+    if written:
+        pytest.fail(f"the test wrote {', '.join(written)} into the repository root {ROOT}: run it in tmp_path")
+
+
 @pytest.fixture(autouse=True)
 def mlx_on_cpu():
     """The numeric tests compare MLX with float64 references and with PyTorch on the CPU. Pin MLX's default device

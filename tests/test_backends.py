@@ -176,8 +176,11 @@ def hide(tmp_path, *modules):
 
 
 def run(args, env, **extra):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**env, **extra})
+    """A trainer (named by its path in the repository) or `python -m backends`, run in the test's tmp_path (above the
+    empty cache): a trainer that starts records its run in runs.jsonl where it runs, never the repository's."""
+    args = [os.path.join(ROOT, arg) if arg.endswith(".py") else arg for arg in args]
+    return subprocess.run([sys.executable, *args], cwd=os.path.dirname(env["AUTORESEARCH_CACHE_DIR"]),
+                          capture_output=True, text=True, timeout=120, env={**env, **extra})
 
 
 def test_only_mlx_installed_for_real(tmp_path):
