@@ -119,11 +119,14 @@ RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts
 @pytest.fixture(autouse=True)
 def nothing_written_into_the_repository():
     """A test that runs a trainer or analysis.py in the repository root would add to the user's own night: its
-    runs.jsonl, run.log, progress.png, results.tsv. Runs belong in a tmp folder; this fails the test that wrote."""
+    runs.jsonl, run.log, progress.png, results.tsv; `uv run` would add a .venv. Runs belong in a tmp folder; this
+    fails the test that wrote."""
     def state():
         paths = {name: os.path.join(ROOT, name) for name in RUN_OUTPUTS}
-        return {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
-                if os.path.exists(path)}
+        files = {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
+                 if os.path.exists(path)}
+        # `uv run` in a checkout without a .venv creates one (empty: the tests' own Python may be another)
+        return {**files, **({".venv": "there"} if os.path.exists(os.path.join(ROOT, ".venv")) else {})}
     before = state()
     yield
     after = state()
