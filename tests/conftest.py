@@ -1,5 +1,6 @@
 """Shared test setup. No test may touch the real cache: point it at a throwaway folder before anything imports prepare."""
 import atexit
+import importlib
 import os
 import shutil
 import sys
@@ -13,6 +14,46 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/corpus.py
 SESSION_CACHE_DIR = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
 os.environ["AUTORESEARCH_CACHE_DIR"] = SESSION_CACHE_DIR
 atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
+
+
+EXTRAS = {"mlx": "mlx", "torch": "mps"}  # the `uv sync --extra` that installs each framework
+
+
+def need(name):
+    """Import `name` (e.g. "mlx.core") or skip the test, or the module when called at its top, naming the extra that
+    installs the framework: the README's CPU/NVIDIA quick start installs PyTorch alone, a Mac may have MLX alone.
+    Only a framework that is not installed skips; one that is installed but fails to import still fails."""
+    __tracebackhide__ = True  # the skip's location is the caller's line, so `-rs` names the module or test
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != top:
+            raise
+        pytest.skip(f"{top} is not installed: uv sync --extra {EXTRAS[top]} (or --extra all)", allow_module_level=True)
+
+
+def python_env(*front, **env):
+    """os.environ plus `env` for a child Python process, with `front` (the repository if none) put ahead of the
+    user's own PYTHONPATH. Replacing it would hide what is installed only there: on an NVIDIA box MLX's CUDA build
+    and rustbpe may come from `pip install --target DIR` with DIR on PYTHONPATH."""
+    kept = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join([*(front or (ROOT,)), *kept])}
+
+
+def hiding(tmp_path, *modules):
+    """Environment for a child process in which importing these modules fails as if they were not installed (a
+    sitecustomize on PYTHONPATH, so processes it execs, such as train.py's hand-over to train_mlx.py, inherit it)."""
+    folder = tmp_path / "hide"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {modules!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n")
+    return python_env(str(folder), ROOT)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +92,7 @@ def run_script(script, cwd, env=None, timeout=1200):
     log_path = os.path.join(cwd, "run.log")
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, script], cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=timeout)
+                              env=python_env(**(env or {})), timeout=timeout)
     with open(log_path, newline="") as f:  # keep the progress line's \r as written
         return proc.returncode, log_path, f.read()
 
@@ -59,6 +100,7 @@ def run_script(script, cwd, env=None, timeout=1200):
 @pytest.fixture(scope="session")
 def torch_run(prepared_cache, tmp_path_factory):
     """`train.py` on the CPU backend for a few seconds: (returncode, run.log path, log text)."""
+    need("torch")
     return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("torch_run")),
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"})
 
@@ -66,8 +108,31 @@ def torch_run(prepared_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlx_run(prepared_cache, tmp_path_factory):
     """`train.py` with AUTORESEARCH_BACKEND=mlx, which hands over to train_mlx.py (MLX's CPU build here)."""
+    need("mlx")
     return run_script(os.path.join(ROOT, "train.py"), str(tmp_path_factory.mktemp("mlx_run")),
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
+
+
+RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts.jsonl")  # what a night writes
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_repository():
+    """A test that runs a trainer or analysis.py in the repository root would add to the user's own night: its
+    runs.jsonl, run.log, progress.png, results.tsv; `uv run` would add a .venv. Runs belong in a tmp folder; this
+    fails the test that wrote."""
+    def state():
+        paths = {name: os.path.join(ROOT, name) for name in RUN_OUTPUTS}
+        files = {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
+                 if os.path.exists(path)}
+        # `uv run` in a checkout without a .venv creates one (empty: the tests' own Python may be another)
+        return {**files, **({".venv": "there"} if os.path.exists(os.path.join(ROOT, ".venv")) else {})}
+    before = state()
+    yield
+    after = state()
+    written = sorted(name for name in after if after[name] != before.get(name))
+    if written:
+        pytest.fail(f"the test wrote {', '.join(written)} into the repository root {ROOT}: run it in tmp_path")
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +140,13 @@ def mlx_on_cpu():
     """The numeric tests compare MLX with float64 references and with PyTorch on the CPU. Pin MLX's default device
     to its CPU so a machine with a GPU runs the same comparisons (MLX's CUDA build computes float32 matmuls in TF32,
     about 1e-3 relative). test_devices.py picks the GPU explicitly with mx.stream."""
-    import mlx.core as mx
+    try:
+        import mlx.core as mx
+    except ModuleNotFoundError as e:  # without MLX there is nothing to pin; the tests that need it skip
+        if e.name != "mlx":
+            raise
+        yield
+        return
     previous = mx.default_device()
     mx.set_default_device(mx.cpu)
     yield

@@ -1,6 +1,8 @@
 """backends/__init__.py: detection, hardware info, the memory model and tier table, peak FLOPS, device utilities.
 Macs and NVIDIA cards are faked by replacing the module's probes (_platform, _import, _run, _read_file)."""
+import importlib
 import os
+import re
 import subprocess
 import sys
 import types
@@ -8,7 +10,7 @@ import types
 import pytest
 
 import backends
-from conftest import ROOT
+from conftest import ROOT, hiding, need
 
 GENERATIONS = ("M1", "M2", "M3", "M4", "M5")
 TIERS = ("base", "pro", "max", "ultra")
@@ -168,28 +170,22 @@ def test_every_install_and_backend_gives_a_backend_that_runs_or_one_line(machine
 
 
 def hide(tmp_path, *modules):
-    """Environment for a subprocess in which importing these modules fails as if they were not installed (a
-    sitecustomize on PYTHONPATH, so processes it execs, such as train.py's hand-over to train_mlx.py, inherit it)."""
-    folder = tmp_path / "hide"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class Hide:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {modules!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Hide())\n")
-    environ = {k: v for k, v in os.environ.items() if k != "AUTORESEARCH_BACKEND"}
-    return {**environ, "PYTHONPATH": f"{folder}:{ROOT}", "AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty")}
+    """hiding() these modules, with no backend requested and an empty cache."""
+    environ = {k: v for k, v in hiding(tmp_path, *modules).items() if k != "AUTORESEARCH_BACKEND"}
+    return {**environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty")}
 
 
 def run(args, env, **extra):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**env, **extra})
+    """A trainer (named by its path in the repository) or `python -m backends`, run in the test's tmp_path (above the
+    empty cache): a trainer that starts records its run in runs.jsonl where it runs, never the repository's."""
+    args = [os.path.join(ROOT, arg) if arg.endswith(".py") else arg for arg in args]
+    return subprocess.run([sys.executable, *args], cwd=os.path.dirname(env["AUTORESEARCH_CACHE_DIR"]),
+                          capture_output=True, text=True, timeout=120, env={**env, **extra})
 
 
 def test_only_mlx_installed_for_real(tmp_path):
     """torch really unimportable: auto runs MLX, python -m backends says so, and asking for cpu is one line."""
+    need("mlx")
     env = hide(tmp_path, "torch")
     assert run(["-c", "import torch"], env).returncode == 1  # the hiding works
     result = run(["-m", "backends"], env)
@@ -217,9 +213,35 @@ def test_no_framework_installed_for_real(tmp_path, args):
     assert result.stderr.splitlines() == [expected]
 
 
-def test_auto_on_this_machine_is_cpu(monkeypatch):
+def installed(name):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name.split(".")[0]:
+            raise
+        return None
+
+
+def auto_here():
+    """The backend auto must pick on the machine running the tests, asked of the frameworks themselves rather than
+    through backends' probes, in the order test_auto_preference_order checks: cpu on Linux without a GPU (CI), cuda
+    on an NVIDIA box, mlx on a Mac with MLX. None where no framework is installed."""
+    torch, mx = installed("torch"), installed("mlx.core")
+    if sys.platform == "darwin":
+        usable = {"mlx": mx and mx.metal.is_available(), "mps": torch and torch.backends.mps.is_available(),
+                  "cpu": torch}
+    else:
+        usable = {"cuda": torch and torch.cuda.is_available(), "cpu": torch, "mlx": mx}
+    return next((backend for backend, ok in usable.items() if ok), None)
+
+
+def test_auto_on_this_machine(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
-    assert backends.detect_backend() == "cpu"  # Linux, no GPU: the real probes, nothing faked
+    if auto_here() is None:
+        with pytest.raises(backends.BackendError):
+            backends.detect_backend()
+    else:
+        assert backends.detect_backend() == auto_here()  # the real probes, nothing faked
 
 # ---------------------------------------------------------------------------
 # Hardware info
@@ -275,9 +297,21 @@ def test_unknown_linux_machine_does_not_crash(machine):
 
 def test_this_machine(monkeypatch):
     monkeypatch.delenv("AUTORESEARCH_BACKEND", raising=False)
+    backend = auto_here() or pytest.skip("no framework installed: uv sync --extra all")
     hw = backends.get_hardware_info()
-    assert hw["backend"] == "cpu" and hw["tier"] == "cpu" and hw["chip"] != ""
+    assert hw["backend"] == backend and hw["chip"] != ""
     assert 0.5 < hw["memory_gb"] < 4096
+    mx = installed("mlx.core")
+    on_gpu = backend == "cuda" or (backend == "mlx" and sys.platform != "darwin" and mx.cuda.is_available())
+    if on_gpu:  # the card's name and memory, not the host's
+        torch = installed("torch")
+        assert hw["tier"] == "cuda" and hw["gpu_cores"] > 0
+        if torch is not None and torch.cuda.is_available():
+            assert hw["chip"] == torch.cuda.get_device_name(0)
+    elif sys.platform == "darwin":
+        assert hw["tier"] in TIERS + ("cpu",)
+    else:
+        assert hw["tier"] == "cpu" and hw["gpu_cores"] is None
 
 
 def test_nvidia_via_torch(machine):
@@ -463,7 +497,7 @@ def test_cuda_peak_and_syncs(monkeypatch):
 
 
 def test_mlx_peak_and_sync_with_real_mlx():
-    mx = pytest.importorskip("mlx.core")
+    mx = need("mlx.core")
     a = mx.ones((1024, 1024, 8))  # 32 MiB of float32
     mx.eval(a)
     backends.sync_device("mlx")
@@ -499,7 +533,7 @@ def test_frozen_objects_are_freed_at_exit_so_nothing_prints_after_the_summary():
     """The trainers freeze the GC after their first step (as the original). torch imports triton with torch._dynamo
     (here through the meta-device init); frozen, its objects outlive the last collection and nanobind reports them as
     ~30 lines of "leaked" at exit. Importing backends makes the exit collection free them instead."""
-    pytest.importorskip("torch")
+    need("torch")
     code = ("import gc, backends, torch\n"
             "with torch.device('meta'):\n"
             "    torch.nn.Embedding(8, 4)\n"
@@ -516,7 +550,12 @@ def test_python_m_backends_prints_the_summary():
     keys = [line.split(":")[0] for line in result.stdout.splitlines()]
     assert keys == ["backend", "chip", "generation", "tier", "gpu_cores", "memory_gb", "depth", "device_batch_size",
                     "total_batch_size", "memory_estimate_gb", "peak_tflops_bf16"]
-    assert "backend:            cpu" in result.stdout and "estimate" in result.stdout
+    assert result.stdout.splitlines()[0] == f"backend:            {auto_here()}"
+    # the peak FLOPS say where they come from: an estimate on a CPU or a Mac, the datasheet on a known NVIDIA card
+    peak = result.stdout.splitlines()[-1]
+    assert re.fullmatch(r"peak_tflops_bf16: +\d+\.\d \((estimate: .+|NVIDIA datasheet, .+, dense bf16)\)", peak), peak
+    if "tier:               cpu" in result.stdout.splitlines():
+        assert "(estimate: " in peak
 
 
 def test_python_m_backends_bad_env_is_one_line_and_nonzero():
@@ -531,7 +570,7 @@ def test_python_m_backends_bad_env_is_one_line_and_nonzero():
 # ---------------------------------------------------------------------------
 
 def test_compiler_caches_go_to_the_autoresearch_cache_unless_the_user_chose(monkeypatch, tmp_path):
-    import mlx.core as mx
+    mx = need("mlx.core")
     monkeypatch.delenv("MLX_PTX_CACHE_DIR", raising=False)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     backends.keep_compiler_caches(str(tmp_path))

@@ -1,9 +1,15 @@
 """Accelerator paths. CI has no GPU, so these skip there, by name; the same code runs on the CPU in
 test_models.py, test_parity.py and test_e2e.py. On a Mac (or an NVIDIA box) `uv run pytest` runs them."""
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+
+from conftest import need
+
+need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
+need("torch")
+
+import mlx.core as mx
+import mlx.nn as nn
 import torch
 from mlx.utils import tree_flatten
 from torch.nn.attention.flex_attention import flex_attention

@@ -418,7 +418,9 @@ def test_timeout_stops_a_run_and_leaves_a_crash_record(tmp_path):
     pattern = r"(AUTORESEARCH_BACKEND=(mps|cuda|cpu) )?timeout (900|7200) uv run (train|train_mlx)\.py > run\.log 2>&1"
     assert len(commands) == 5 and all(re.fullmatch(pattern, c) for c in commands), commands
     uv = os.environ.get("UV") or shutil.which("uv")
-    runner = f"{uv} run --no-sync --project {ROOT}" if uv else sys.executable
+    # uv with the tests' own Python, not the checkout's .venv: that may not exist (the suite run by a Python that
+    # already holds PyTorch), and `uv run --project` would create an empty one in the repository
+    runner = f"{uv} run --no-project --python {sys.executable}" if uv else sys.executable
     for script in sorted({c.split()[-4] for c in commands}):  # train.py, train_mlx.py
         (tmp_path / script).write_text(STUB_TRAINER.format(root=ROOT))
         command = ENV_PREFIX.sub("", next(c for c in commands if c.split()[-4] == script)).replace("uv run", runner)

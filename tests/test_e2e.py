@@ -14,7 +14,7 @@ import pytest
 
 import backends
 from backends import record
-from conftest import ROOT, SMOKE_ENV, run_script
+from conftest import ROOT, SMOKE_ENV, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
@@ -22,6 +22,7 @@ SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", 
 RECORD_KEYS = {"id", "time", "commit", "branch", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip",
                "smoke", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
                "machine_speeds", "loadavg", *SUMMARY_KEYS}
+FRAMEWORK = {"train.py": "torch", "train_mlx.py": "mlx"}  # what each trainer imports
 
 
 def grep(pattern, path):
@@ -51,7 +52,7 @@ def run_records(log_path):
 @pytest.fixture(scope="module")
 def untrained_bpb(prepared_cache):
     """val_bpb of the CPU tier's model straight from init: a trained run must beat it."""
-    import torch
+    torch = need("torch")
     import prepare
     import train
     old = prepare.EVAL_TOKENS
@@ -141,6 +142,7 @@ def edited_copy(tmp_path, script, *edits):
     ("train_mlx.py", [("COMPILE = True", "COMPILE = False")]),  # no compile: the crash comes within two steps
 ])
 def test_nan_loss_prints_fail_and_exits_1(prepared_cache, tmp_path, script, edits):
+    need(FRAMEWORK[script])
     path = edited_copy(tmp_path, script, ("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float('nan')"), *edits)
     returncode, _, log = run_script(path, str(tmp_path), env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "cpu"})
     assert returncode == 1, log[-3000:]
@@ -154,6 +156,7 @@ def test_nan_loss_prints_fail_and_exits_1(prepared_cache, tmp_path, script, edit
 
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
 def test_missing_dataset_is_a_one_line_error(tmp_path, script):
+    need(FRAMEWORK[script])
     returncode, _, log = run_script(os.path.join(ROOT, script), str(tmp_path),
                                     env={"AUTORESEARCH_CACHE_DIR": str(tmp_path / "empty"), "AUTORESEARCH_BACKEND": "cpu"})
     assert returncode != 0
@@ -222,6 +225,7 @@ def first_step(tmp_path, script, rows, micro_batches, seq_len=128):
 
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
 def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache, tmp_path, script):
+    need(FRAMEWORK[script])
     with ThreadPoolExecutor(2) as pool:  # two processes at once: most of each run is start-up
         one_batch, accumulated = pool.map(lambda split: first_step(tmp_path, script, *split), [(4, 1), (2, 2)])
     assert one_batch.keys() == accumulated.keys() and any(name.startswith("optimizer.") for name in one_batch)
@@ -245,6 +249,7 @@ def test_a_baseline_run_under_load_then_a_do_nothing_commit_alone_is_not_kept(pr
     """The issue's night: the baseline three times while other programs load every core, then a commit that changes
     nothing but a comment, run alone. In a time-budgeted run the quiet machine makes more steps; the verdict must
     name the machine instead of keeping the commit. ~2 minutes on 2 cores."""
+    need("torch")
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in record.FIXED_FILES + ("train.py", ".gitignore"):

@@ -2,10 +2,16 @@
 test_parity.py compares them with each other."""
 import math
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+
+from conftest import need
+
+need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
+need("torch")
+
+import mlx.core as mx
+import mlx.nn as nn
 import torch
 from mlx.utils import tree_flatten
 

@@ -10,10 +10,16 @@ MuonAdamW contracts, for both backends/muon_mps.py (PyTorch) and backends/muon_m
 
 from functools import partial
 
-import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
+
+from conftest import need
+
+need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
+need("torch")
+
+import mlx.core as mx
+import mlx.nn as nn
 import torch
 from mlx.utils import tree_flatten
 

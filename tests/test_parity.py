@@ -4,9 +4,15 @@ import math
 import re
 from statistics import NormalDist
 
-import mlx.core as mx
 import numpy as np
 import pytest
+
+from conftest import need
+
+need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
+need("torch")
+
+import mlx.core as mx
 import torch
 from mlx.utils import tree_flatten
 

@@ -24,6 +24,7 @@ import pytest
 import tiktoken
 
 import prepare
+from conftest import need
 from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, make_docs, make_multilingual_docs,
                     reference_dataloader, run_prepare, run_python, use_cache, write_shard)
 
@@ -760,7 +761,7 @@ def expected_bpb(tokenizer, num_rows):
 
 @pytest.fixture
 def torch_model():
-    torch = pytest.importorskip("torch")
+    torch = need("torch")
 
     class TableModel(torch.nn.Module):
         def __init__(self):
@@ -838,8 +839,8 @@ def test_bpb_notes_when_the_evaluation_repeats_validation_text(tokenizer, torch_
 
 
 def test_bpb_for_an_mlx_model_matches_torch(tokenizer, torch_model, monkeypatch):
-    mx = pytest.importorskip("mlx.core")
-    nn = pytest.importorskip("mlx.nn")
+    mx = need("mlx.core")
+    nn = need("mlx.nn")
 
     class TableModel(nn.Module):
         def __init__(self):
@@ -859,7 +860,7 @@ def test_bpb_for_an_mlx_model_matches_torch(tokenizer, torch_model, monkeypatch)
 
 
 def test_bpb_for_an_mlx_model_never_imports_torch(prepared_cache):
-    pytest.importorskip("mlx.core")
+    need("mlx")
     code = """
 import sys, mlx.core as mx, mlx.nn as nn, prepare
 class Uniform(nn.Module):

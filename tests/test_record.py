@@ -15,7 +15,7 @@ import pytest
 import backends
 import prepare
 from backends import record
-from conftest import ROOT
+from conftest import ROOT, python_env
 
 HW = {"chip": "Test Chip"}
 SWAP_USED_MB = backends.swap_used_mb
@@ -209,7 +209,7 @@ Run("train.py", "cpu", {"chip": "x"}).summary(val_bpb=1.0, training_seconds=1.0,
 
 def harness_line(root):
     result = subprocess.run([sys.executable, "-c", PRINT_SUMMARY], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": root}, timeout=120)
+                            env=python_env(root), timeout=120)
     assert result.returncode == 0, result.stderr
     (line,) = [l for l in result.stdout.splitlines() if l.startswith("harness:")]
     return line
@@ -257,7 +257,7 @@ def test_the_data_fingerprint_names_the_data_not_the_folder(prepared_cache, tmp_
     """The same prepared data in another folder (copied, new mtimes) has the same fingerprint; other data another."""
     fingerprint = lambda cache: subprocess.run(
         [sys.executable, "-c", "import prepare; print(prepare.data_fingerprint())"], cwd=tmp_path, text=True,
-        capture_output=True, check=True, env={**os.environ, "PYTHONPATH": ROOT, "AUTORESEARCH_CACHE_DIR": cache},
+        capture_output=True, check=True, env=python_env(AUTORESEARCH_CACHE_DIR=cache),
         timeout=120).stdout.strip()
     original = fingerprint(prepared_cache)
     copy = str(tmp_path / "copy")

@@ -1,0 +1,65 @@
+"""The suite itself: no test assumes the machine it runs on. The README's CPU/NVIDIA quick start installs PyTorch
+alone (`uv sync --extra mps`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
+through PYTHONPATH (`pip install --target`); the suite must collect and run on each, skipping by name what needs a
+framework that is not there."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import EXTRAS, ROOT, hiding, python_env, run_script
+
+
+@pytest.mark.parametrize("framework", sorted(EXTRAS))
+def test_the_suite_collects_without_a_framework_and_names_the_extra(tmp_path, framework):
+    """Collection only (cheap): no module fails to import, and each module that needs the missing framework is
+    skipped with a reason that says what to install."""
+    env = hiding(tmp_path, framework)
+    hidden = subprocess.run([sys.executable, "-c", f"import {framework}"], env=env, capture_output=True)
+    assert hidden.returncode == 1  # the hiding works
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-rs", "-p", "no:cacheprovider",
+                             "tests"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    skips = [line for line in result.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips, result.stdout[-3000:]  # every module but a few imports one framework or the other
+    missing = {framework} | {name for name in EXTRAS if importlib.util.find_spec(name) is None}  # or not here
+    reasons = tuple(f"{name} is not installed: uv sync --extra {EXTRAS[name]} (or --extra all)" for name in missing)
+    for line in skips:
+        assert line.endswith(reasons), line
+
+
+@pytest.fixture
+def pip_target(tmp_path, monkeypatch):
+    """A folder on the user's PYTHONPATH holding a module found nowhere else, as `pip install --target DIR` leaves
+    MLX's CUDA build and rustbpe on an NVIDIA box."""
+    folder = tmp_path / "target"
+    folder.mkdir()
+    (folder / "only_on_pythonpath.py").write_text("")
+    user = [path for path in os.environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), *user]))
+    return str(folder)
+
+
+def test_a_trainer_run_by_the_tests_finds_what_pythonpath_holds(tmp_path, pip_target):
+    """run_script (the trainers' runs): the repository and the user's PYTHONPATH are both importable."""
+    script = tmp_path / "train.py"
+    script.write_text("import only_on_pythonpath, prepare\nprint('ok')\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    returncode, _, log = run_script(str(script), str(folder))
+    assert (returncode, log) == (0, "ok\n")
+
+
+def test_python_env_puts_its_folders_first_and_keeps_the_users(tmp_path, pip_target):
+    other = str(tmp_path / "scratch-repo")
+    assert python_env()["PYTHONPATH"].split(os.pathsep)[:2] == [ROOT, pip_target]
+    assert python_env(other, X="1")["PYTHONPATH"].split(os.pathsep)[:2] == [other, pip_target]
+    assert python_env(X="1")["X"] == "1" and python_env()["PATH"] == os.environ["PATH"]
+    code = "import only_on_pythonpath, prepare"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=python_env()).returncode == 0
+    env = hiding(tmp_path, "numpy")  # the hiding keeps the user's PYTHONPATH too, and hides numpy only
+    assert subprocess.run([sys.executable, "-c", "import only_on_pythonpath"], cwd=tmp_path, env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-c", "import numpy"], cwd=tmp_path, env=env,
+                          capture_output=True).returncode == 1
