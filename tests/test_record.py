@@ -29,12 +29,15 @@ KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "h
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
-    """Run in an empty folder with no smoke knobs, no swap readings and no evaluation notes."""
+    """Run in an empty folder with no smoke knobs, no swap readings, no evaluation notes and no prepared data."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 2560})
     monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
+    def unprepared():  # whether another test prepared the session's cache or not
+        raise prepare.PrepareError("error: no data")
+    monkeypatch.setattr(prepare, "data_fingerprint", unprepared)
     readings = iter([100.0, 90.0, 80.0])  # GFLOP/s: as training begins, as it ends
     monkeypatch.setattr(record, "machine_speed", lambda backend: next(readings))
     return tmp_path
