@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import EXTRAS, ROOT, hiding, python_env, run_script
+from conftest import EXTRAS, ROOT, hiding, need, python_env, run_script
 
 
 @pytest.mark.parametrize("framework", sorted(EXTRAS))
@@ -86,3 +86,14 @@ def test_a_session_fixture_that_writes_into_the_repository_fails_the_run(tmp_pat
                             env=python_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout
     assert f"the test session wrote run.log into the repository root {tmp_path}" in result.stdout, result.stdout
+
+
+def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
+    """A Mac may have MLX and no PyTorch: test_record's tiny trainers read the machine's speed with the framework
+    that is there, so no warning about a missing torch lands in the output the tests read."""
+    need("mlx")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_record.py",
+                             "-k", "sigterm or bounds_mlx"], cwd=ROOT, env=hiding(tmp_path, "torch"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 passed" in result.stdout, result.stdout[-3000:]
