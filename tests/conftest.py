@@ -116,23 +116,43 @@ def mlx_run(prepared_cache, tmp_path_factory):
 RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts.jsonl")  # what a night writes
 
 
+def repository_state():
+    """The run outputs in the repository root (size and mtime of each), and whether it holds a .venv."""
+    paths = {name: os.path.join(ROOT, name) for name in RUN_OUTPUTS}
+    files = {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
+             if os.path.exists(path)}
+    # `uv run` in a checkout without a .venv creates one (empty: the tests' own Python may be another)
+    return {**files, **({".venv": "there"} if os.path.exists(os.path.join(ROOT, ".venv")) else {})}
+
+
+def written_since(before):
+    after = repository_state()
+    return ", ".join(sorted(name for name in after if after[name] != before.get(name)))
+
+
+STATE_AT_START = repository_state()  # taken as conftest is imported, so writes during collection count too
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_by_the_session():
+    """The check below snapshots the root after the session fixtures a test uses (the shared trainer runs) are set
+    up, so one of those writing there would pass unseen; this compares the end of the session with its start."""
+    yield
+    written = written_since(STATE_AT_START)
+    if written:
+        pytest.fail(f"the test session wrote {written} into the repository root {ROOT}: run it in tmp_path")
+
+
 @pytest.fixture(autouse=True)
 def nothing_written_into_the_repository():
     """A test that runs a trainer or analysis.py in the repository root would add to the user's own night: its
     runs.jsonl, run.log, progress.png, results.tsv; `uv run` would add a .venv. Runs belong in a tmp folder; this
     fails the test that wrote."""
-    def state():
-        paths = {name: os.path.join(ROOT, name) for name in RUN_OUTPUTS}
-        files = {name: (os.stat(path).st_size, os.stat(path).st_mtime_ns) for name, path in paths.items()
-                 if os.path.exists(path)}
-        # `uv run` in a checkout without a .venv creates one (empty: the tests' own Python may be another)
-        return {**files, **({".venv": "there"} if os.path.exists(os.path.join(ROOT, ".venv")) else {})}
-    before = state()
+    before = repository_state()
     yield
-    after = state()
-    written = sorted(name for name in after if after[name] != before.get(name))
+    written = written_since(before)
     if written:
-        pytest.fail(f"the test wrote {', '.join(written)} into the repository root {ROOT}: run it in tmp_path")
+        pytest.fail(f"the test wrote {written} into the repository root {ROOT}: run it in tmp_path")
 
 
 @pytest.fixture(autouse=True)

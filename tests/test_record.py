@@ -1,6 +1,7 @@
 """backends/record.py: the summary block both trainers print and the record of every run in runs.jsonl, the swap
 watchdog (readings injected through backends' probes), the harness fingerprint, and the record a run leaves when it
 fails, crashes or is killed. The trainers' own runs are checked in test_e2e.py."""
+import importlib.util
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import pytest
 import backends
 import prepare
 from backends import record
-from conftest import ROOT, python_env
+from conftest import ROOT, need, python_env
 
 HW = {"chip": "Test Chip"}
 SWAP_USED_MB = backends.swap_used_mb
@@ -302,18 +303,30 @@ TRAINER = """
 import sys, time
 sys.path.insert(0, {root!r})
 from backends.record import start_run
-run = start_run(__file__, "cpu", {{"chip": "x"}})
+run = start_run(__file__, {backend!r}, {{"chip": "x"}})
 run.mark_training_start()
 print("started", flush=True)
 {body}
 """
 
 
+def trainer_backend():
+    """The tiny trainer's backend, whose framework reads the machine's speed as the run starts: PyTorch's CPU, or MLX
+    on a machine with MLX alone (a Mac may have no PyTorch; without the framework a warning lands in the output)."""
+    try:
+        if importlib.util.find_spec("torch") is not None:
+            return "cpu"
+    except ModuleNotFoundError:  # a finder that hides torch (test_suite's) raises instead of answering None
+        pass
+    need("mlx")
+    return "mlx"
+
+
 def run_trainer(folder, body, git=False, signal_after=None):
     """Write a tiny trainer that starts a run record and then runs `body`; run it in folder."""
     path = os.path.join(folder, "train.py")
     with open(path, "w") as f:
-        f.write(TRAINER.format(root=ROOT, body=textwrap.dedent(body)))
+        f.write(TRAINER.format(root=ROOT, backend=trainer_backend(), body=textwrap.dedent(body)))
     proc = subprocess.Popen([sys.executable, path], cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     if signal_after is not None:

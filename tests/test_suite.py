@@ -4,12 +4,13 @@ through PYTHONPATH (`pip install --target`); the suite must collect and run on e
 framework that is not there."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import EXTRAS, ROOT, hiding, python_env, run_script
+from conftest import EXTRAS, ROOT, hiding, need, python_env, run_script
 
 
 @pytest.mark.parametrize("framework", sorted(EXTRAS))
@@ -63,3 +64,36 @@ def test_python_env_puts_its_folders_first_and_keeps_the_users(tmp_path, pip_tar
     assert subprocess.run([sys.executable, "-c", "import only_on_pythonpath"], cwd=tmp_path, env=env).returncode == 0
     assert subprocess.run([sys.executable, "-c", "import numpy"], cwd=tmp_path, env=env,
                           capture_output=True).returncode == 1
+
+
+def test_a_session_fixture_that_writes_into_the_repository_fails_the_run(tmp_path):
+    """The per-test check snapshots the root after session fixtures (the shared trainer runs) are set up, so one that
+    ran in the repository root would go unnoticed; the session-end check catches it. Run on a copy of conftest.py,
+    whose repository root is then tmp_path."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tests)
+    (tests / "test_writer.py").write_text(
+        "import os\n"
+        "import pytest\n"
+        "from conftest import ROOT\n"
+        "@pytest.fixture(scope='session')\n"
+        "def night():\n"
+        "    open(os.path.join(ROOT, 'run.log'), 'w').close()\n"
+        "def test_uses_the_night(night):\n"
+        "    pass\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=tmp_path,
+                            env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    assert f"the test session wrote run.log into the repository root {tmp_path}" in result.stdout, result.stdout
+
+
+def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
+    """A Mac may have MLX and no PyTorch: test_record's tiny trainers read the machine's speed with the framework
+    that is there, so no warning about a missing torch lands in the output the tests read."""
+    need("mlx")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_record.py",
+                             "-k", "sigterm or bounds_mlx"], cwd=ROOT, env=hiding(tmp_path, "torch"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "4 passed" in result.stdout, result.stdout[-3000:]
