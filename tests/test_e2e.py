@@ -85,8 +85,10 @@ def check_summary(log_path, backend, untrained):
     assert values["harness"] == record.harness_fingerprint()
     for key in ("total_seconds", "startup_seconds", "eval_seconds", "mfu_percent", "total_tokens_M", "num_params_M"):
         assert float(values[key]) >= 0, key
-    # every step trains on TOTAL_BATCH_SIZE tokens (the CPU tier's 2048 here): a short run must not print 0.0
-    total_batch_size = backends.TIER_DEFAULTS["cpu"][2]
+    # every step trains on TOTAL_BATCH_SIZE tokens (the CPU tier's 2048, the GPU tier's where MLX's CUDA build runs):
+    # a short run must not print 0.0
+    tier = re.search(r"\| tier: (\w+)", open(log_path).read()).group(1)
+    total_batch_size = backends.TIER_DEFAULTS[backends._tier_key({"backend": backend, "tier": tier})][2]
     assert float(values["total_tokens_M"]) == pytest.approx(int(values["num_steps"]) * total_batch_size / 1e6, abs=5e-4)
 
     # the run's record: one line in runs.jsonl, complete, holding what the summary printed
