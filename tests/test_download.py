@@ -170,18 +170,28 @@ def test_two_prepares_at_once_on_one_fresh_cache(server, synthetic_corpus, tmp_p
     they leave is complete and loads."""
     env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "AUTORESEARCH_DATA_URL": server.url}
     server.faults["shard_06542.parquet"] = ["stall", "stall"]  # holds both runs at one point, so they overlap
-    procs = [subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
+                                          stdout=out, stderr=subprocess.STDOUT))
+
+    def output():
+        return "\n".join(log.read_text() for log in logs)
+
     deadline = time.time() + 60
-    while requests_for(server, "shard_06542.parquet") < 1 or len(glob.glob(str(tmp_path / "cache/data/*.tmp"))) < 1:
-        assert time.time() < deadline, "no run reached the stalled shard"
+    # both have started: one is stalled in the download, the other waits for it (without the lock: stalls too)
+    while requests_for(server, "shard_06542.parquet") < 1 or "Cache: waiting" not in output():
+        assert time.time() < deadline, output()
         time.sleep(0.05)
-    time.sleep(2)  # the other run: its download stalls too, or it waits for the first
     server.release.set()
-    outs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outs)
+    assert [proc.wait(timeout=300) for proc in procs] == [0, 0], output()
+    outs = [log.read_text() for log in logs]
     assert all("Done! Ready to train." in out for out in outs)
-    assert sum("Cache: waiting for another prepare.py" in out for out in outs) == 1  # the second ran after the first
+    waited = [i for i, out in enumerate(outs) if "Cache: waiting for another prepare.py" in out]
+    assert len(waited) == 1  # the second ran after the first, and says whom it waited for
+    assert f"another prepare.py (pid {procs[1 - waited[0]].pid}) to finish" in outs[waited[0]]
     assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
     result = run_python("import prepare; t = prepare.Tokenizer.from_directory(); "
                         "next(prepare.make_dataloader(t, 2, 64, 'val')); print(prepare.data_fingerprint())",
@@ -209,7 +219,8 @@ def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (all((data_dir / n).exists() for n in NAMES[:3]) and glob.glob(str(data_dir / "shard_06542.parquet.*.tmp"))):
+    stalled = str(data_dir / "shard_06542.parquet.*.tmp")  # the temporary file carries the pid
+    while not (all((data_dir / n).exists() for n in NAMES[:3]) and glob.glob(stalled)):
         assert proc.poll() is None and time.time() < deadline, "download did not reach the stalled shard"
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)

@@ -390,6 +390,7 @@ def test_token_bytes_of_an_older_prepare_are_refused_then_rewritten(cache_copy):
     assert snapshot(cache_copy / "tokens") == before
     assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(enc).tolist()
 
+
 def corrupt(path, how):
     body = path.read_bytes()
     path.write_bytes({"truncated": body[:len(body) // 2], "random bytes": random.Random(0).randbytes(len(body)),
