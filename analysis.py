@@ -58,8 +58,9 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
+
+from backends import jsonl
 
 RESULTS = "results.tsv"
 RUNS = "runs.jsonl"
@@ -191,12 +192,9 @@ def read_runs(path=RUNS):
 
 
 def git(*args):
-    """git's output, or None outside a repository (or without git)."""
-    try:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
+    """git's output here, stripped, or None outside a repository (or without git)."""
+    out = jsonl.git(".", *args)
+    return None if out is None else out.strip()
 
 
 def current_branch():
@@ -472,16 +470,8 @@ def verdict(rows, records, head, branch=None):
 
 def store_verdict(entry, path=VERDICTS):
     """Append a verdict to verdicts.jsonl, on a line of its own: the report shows each keep as it was decided."""
-    line = json.dumps({"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **entry}) + "\n"
     try:
-        with open(path, "a+", encoding="utf-8") as f:
-            if f.seek(0, os.SEEK_END) > 0:
-                f.seek(f.tell() - 1)
-                if f.read(1) != "\n":
-                    line = "\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        jsonl.append(path, {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **entry})
     except OSError as e:
         warn(f"could not append to {path}: {e}")
 

@@ -21,11 +21,9 @@ branch whose fingerprints are equal and whose machine speeds agree.
 import atexit
 import datetime
 import hashlib
-import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +31,7 @@ import uuid
 import backends
 import prepare
 from backends.calibrate import machine_speed
+from backends.jsonl import append, git
 
 RUNS_FILE = "runs.jsonl"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,14 +62,6 @@ SUMMARY = (
 )
 
 
-def _git(folder, *args):
-    try:
-        result = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout if result.returncode == 0 else None
-
-
 def _is_junk(name):
     return name.startswith(".") or name.endswith(JUNK_SUFFIXES)  # .DS_Store, ._x (macOS), .x.swp (vim), x~ (emacs)
 
@@ -79,7 +70,7 @@ def fixed_file_list(paths, root=ROOT):
     """The files below root that the named files and folders stand for, relative and sorted. In a git repository
     the tracked ones (git ls-files: what `git checkout <commit> -- ...` restores); elsewhere every file but editor
     and OS junk and __pycache__. A named file that does not exist is listed all the same: its absence counts."""
-    files = set((_git(root, "ls-files", "-z", "--", *paths) or "").split("\0")) - {""}
+    files = set((git(root, "ls-files", "-z", "--", *paths) or "").split("\0")) - {""}
     if not files:  # not a git repository, or nothing of it committed yet
         files = set()
         for name in paths:
@@ -112,11 +103,11 @@ def git_state(folder):
     """(short commit, branch, uncommitted changes as `git status --short` lines) of the repository holding folder;
     (None, None, []) outside git. The branch is None on a detached HEAD. Untracked files count: a new file the
     trainer imports must be committed too."""
-    head = _git(folder, "rev-parse", "--short=7", "HEAD")
+    head = git(folder, "rev-parse", "--short=7", "HEAD")
     if head is None:
         return None, None, []
-    branch = (_git(folder, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
-    return head.strip(), (None if branch in ("", "HEAD") else branch), (_git(folder, "status", "--porcelain")
+    branch = (git(folder, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
+    return head.strip(), (None if branch in ("", "HEAD") else branch), (git(folder, "status", "--porcelain")
                                                                         or "").splitlines()
 
 
@@ -255,16 +246,8 @@ class Run:
         record = {**self.record, "status": status, **fields}
         record["swapped"] = record.get("swap_mb") is not None and record["swap_mb"] >= SWAP_WARN_MB
         record.setdefault("total_seconds", round(time.time() - self.t_start, 1))
-        line = json.dumps(record).encode() + b"\n"
         try:
-            with open(self.path, "a+b") as f:
-                if f.seek(0, os.SEEK_END) > 0:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":  # a torn line (a full disk, a killed writer) ends where it is
-                        line = b"\n" + line
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the verdict reads it, and before a power cut
+            append(self.path, record)
         except OSError as e:  # never hide the run's own outcome behind a failure to record it
             print(f"warning: could not append to {self.path}: {e}", file=sys.stderr)
 

@@ -125,9 +125,11 @@ def repository_state():
     return {**files, **({".venv": "there"} if os.path.exists(os.path.join(ROOT, ".venv")) else {})}
 
 
-def written_since(before):
+def fail_if_written_since(before, who):
     after = repository_state()
-    return ", ".join(sorted(name for name in after if after[name] != before.get(name)))
+    written = ", ".join(sorted(name for name in after if after[name] != before.get(name)))
+    if written:
+        pytest.fail(f"{who} wrote {written} into the repository root {ROOT}: run it in tmp_path")
 
 
 STATE_AT_START = repository_state()  # taken as conftest is imported, so writes during collection count too
@@ -138,9 +140,7 @@ def nothing_written_by_the_session():
     """The check below snapshots the root after the session fixtures a test uses (the shared trainer runs) are set
     up, so one of those writing there would pass unseen; this compares the end of the session with its start."""
     yield
-    written = written_since(STATE_AT_START)
-    if written:
-        pytest.fail(f"the test session wrote {written} into the repository root {ROOT}: run it in tmp_path")
+    fail_if_written_since(STATE_AT_START, "the test session")
 
 
 @pytest.fixture(autouse=True)
@@ -150,9 +150,7 @@ def nothing_written_into_the_repository():
     fails the test that wrote."""
     before = repository_state()
     yield
-    written = written_since(before)
-    if written:
-        pytest.fail(f"the test wrote {written} into the repository root {ROOT}: run it in tmp_path")
+    fail_if_written_since(before, "the test")
 
 
 @pytest.fixture(autouse=True)
