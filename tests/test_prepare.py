@@ -673,6 +673,8 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Tokenizer: no tokenizer yet; training BPE tokenizer on 1 training shards" in result.stdout
     assert result.stdout.strip().endswith("\n".join(validation_report(tmp_path / "cache")) + "\n\nDone! Ready to train.")
+    use_cache(monkeypatch, tmp_path / "cache")  # again: it holds the dataset `source` now, as a new process finds
+    assert prepare.DATASET == "source"
     tokenizer = load_tokenizer(tmp_path / "cache")
     for split in ("train", "val"):
         fast, ref = prepare.make_dataloader(tokenizer, 2, 512, split), reference_dataloader(tokenizer, 2, 512, split)
