@@ -93,8 +93,8 @@ class Dataset(NamedTuple):
 
 # Every preset's documents are in a `text` column. climbmix's files are shards already (downloaded as they are); the
 # others' are converted into shards of the same format: shard i holds file i's documents (those `keep` keeps) in row
-# groups of ROW_GROUP_DOCS, and the validation shard the first documents of file 0, VAL_CHARS characters' worth,
-# which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here: its files hold Software
+# groups of ROW_GROUP_DOCS, and the validation shard the first documents of file 0, enough for the evaluation's
+# EVAL_TOKENS at CHARS_PER_TOKEN, which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here: its files hold Software
 # Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama's original, which is .jsonl.zst.
 DATASETS = {
     "climbmix": Dataset("karpathy/climbmix-400b-shuffle", "main", "shard_{:05d}.parquet", 6542, 10, 88, (),
@@ -112,7 +112,6 @@ DATASETS = {
                           290, (), "a 6B-token sample of SlimPajama: web, books, arXiv, Wikipedia, code"),
 }
 SOURCE = "source"  # the name of a corpus built with --source; it shares the cache root with climbmix, as before
-VAL_CHARS = 10 * 524288 * 5  # a converted preset's validation text: 10 * 524288 tokens at 5 characters a token
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -179,7 +178,7 @@ use_dataset(default_dataset())
 DOWNLOAD_ATTEMPTS = 5
 RETRY_BACKOFF = 2.0            # seconds before the first retry, doubling after each failure
 SOURCE_SHARD_CHARS = 100_000_000  # --source: characters per training shard written
-SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TOKENS at this many characters a token
+CHARS_PER_TOKEN = 5               # held-out validation text is sized for EVAL_TOKENS at this many characters a token
                                   # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
 LOCK_FILE = ".prepare.lock"       # in CACHE_DIR: one prepare.py at a time per cache; holds the running one's pid
@@ -282,14 +281,14 @@ def kept_documents(path, keep):
 
 def convert_file(path, name, index, keep):
     """Write the documents of `name`, downloaded to path, as shard `index`; file 0 gives the validation shard its
-    first documents, VAL_CHARS characters' worth, and shard 0 the rest."""
+    first documents, enough text for the evaluation (EVAL_TOKENS at CHARS_PER_TOKEN), and shard 0 the rest."""
     docs = kept_documents(path, keep)
     if index == 0:
         val, chars = [], 0
         for doc in docs:
             val.append(doc)
             chars += len(doc)
-            if chars >= VAL_CHARS:
+            if chars >= EVAL_TOKENS * CHARS_PER_TOKEN:
                 break
         write_shard(VAL_FILENAME, val)
     if write_shard(shard_name(index), docs)[1] == 0:
@@ -543,7 +542,7 @@ def build_from_source(source):
     n_train = None  # every training-file document is for training...
     if not val_files:  # ...unless validation must come from their tail: count it out first
         lengths = [len(d) for d in train_docs()]
-        budget = min(EVAL_TOKENS * SOURCE_CHARS_PER_TOKEN, sum(lengths) // 5)
+        budget = min(EVAL_TOKENS * CHARS_PER_TOKEN, sum(lengths) // 5)
         n_train, held_out = len(lengths) - 1, lengths[-1] if lengths else 0
         while held_out < budget and n_train > 1:
             n_train -= 1

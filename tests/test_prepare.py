@@ -506,7 +506,7 @@ def test_source_rerun_is_idempotent_and_drops_stale_shards(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("eval_tokens", [2048, 10 * 524288])
 def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, monkeypatch, eval_tokens):
-    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at SOURCE_CHARS_PER_TOKEN
+    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at CHARS_PER_TOKEN
     characters a token), but never more than a fifth of the corpus."""
     use_cache(monkeypatch, tmp_path / "cache")
     monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
@@ -519,7 +519,7 @@ def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, m
     val = shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
     assert train + val == docs
     total = sum(map(len, docs))
-    budget = min(eval_tokens * prepare.SOURCE_CHARS_PER_TOKEN, total // 5)
+    budget = min(eval_tokens * prepare.CHARS_PER_TOKEN, total // 5)
     assert sum(map(len, val)) >= budget > sum(map(len, val[1:]))
     assert budget == (10240 if eval_tokens == 2048 else total // 5)  # enough for 2048 tokens; a fifth of this corpus
 
