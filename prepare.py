@@ -89,13 +89,15 @@ class Dataset(NamedTuple):
     shards: int      # training shards `--num-shards` downloads by default
     file_mb: int     # download size of one file, from the hub's listing
     keep: tuple      # (column, minimum): only documents whose column is at least minimum; () keeps them all
-    about: str       # what it is, its licence, where its layout was confirmed
+    about: str       # what it is, and its licence
 
 # Every preset's documents are in a `text` column. climbmix's files are shards already (downloaded as they are); the
 # others' are converted into shards of the same format: shard i holds file i's documents (those `keep` keeps) in row
 # groups of ROW_GROUP_DOCS, and the validation shard the first documents of file 0, enough for the evaluation's
-# EVAL_TOKENS at CHARS_PER_TOKEN, which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here: its files hold Software
-# Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama's original, which is .jsonl.zst.
+# EVAL_TOKENS at CHARS_PER_TOKEN, which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here:
+# its files hold Software Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama's
+# original, which is .jsonl.zst (no zstd in the standard library). fineweb-edu-high keeps `score` (a float), not
+# `int_score`: every fineweb-edu document has int_score >= 3 already, the filter that made the dataset.
 DATASETS = {
     "climbmix": Dataset("karpathy/climbmix-400b-shuffle", "main", "shard_{:05d}.parquet", 6542, 10, 88, (),
                         "NVIDIA's ClimbMix, shuffled: the original's data (cc-by-nc-4.0)"),
@@ -109,7 +111,8 @@ DATASETS = {
     "cosmopedia-v2": Dataset("HuggingFaceTB/smollm-corpus", "main/cosmopedia-v2", "train-{:05d}-of-00104.parquet", 104,
                              1, 1062, (), "synthetic textbooks, stories and blog posts by Mixtral (odc-by)"),
     "slimpajama": Dataset("DKYoon/SlimPajama-6B", "refs%2Fconvert%2Fparquet/default/train", "{:04d}.parquet", 48, 4,
-                          290, (), "a 6B-token sample of SlimPajama: web, books, arXiv, Wikipedia, code"),
+                          290, (), "a 6B-token sample of SlimPajama: web, books, arXiv, Wikipedia, code "
+                          "(its card names no licence)"),
 }
 SOURCE = "source"  # the name of a corpus built with --source; it shares the cache root with climbmix, as before
 
@@ -1144,7 +1147,8 @@ def main():
   AUTORESEARCH_DATASET    the dataset to prepare without --dataset, and the one runs use (default: the one prepared
                           last, else climbmix; now {DATASET})
   HF_ENDPOINT             a Hugging Face mirror to download from (now {HF_ENDPOINT})
-  AUTORESEARCH_DATA_URL   a folder of shards (the dataset's files) to download from instead of the hub (now {BASE_URL})""")
+  AUTORESEARCH_DATA_URL   a folder of shards (the dataset's files) to download from instead of the hub
+                          (now {BASE_URL})""")
     parser.add_argument("--dataset", metavar="NAME", help=f"the dataset to download: {', '.join(DATASETS)} "
                         f"(default: the one prepared last, else climbmix; --list describes them)")
     parser.add_argument("--list", action="store_true",
