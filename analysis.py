@@ -232,17 +232,19 @@ def head_commit(records):
 # Noise and the verdict
 # ---------------------------------------------------------------------------
 
-SETUP_NAMES = ("harness", "data", "backend", "chip", "smoke-test knobs")
+SETUP_NAMES = ("harness", "dataset", "data", "backend", "chip", "smoke-test knobs")
 
 
 def setup(record):
     """What must match for two runs' val_bpb to be comparable."""
-    return record["harness"], record.get("data"), record["backend"], record["chip"], tuple(record["smoke"])
+    return (record["harness"], record.get("dataset"), record.get("data"), record["backend"], record["chip"],
+            tuple(record["smoke"]))
 
 
 def describe_setup(record):
     smoke = f", smoke-test knobs {' '.join(record['smoke'])}" if record["smoke"] else ""
-    return f"harness {record['harness']}, data {record.get('data')}, {record['backend']} on {record['chip']}{smoke}"
+    return (f"harness {record['harness']}, dataset {record.get('dataset')}, data {record.get('data')}, "
+            f"{record['backend']} on {record['chip']}{smoke}")
 
 
 def speed(record):
@@ -440,6 +442,8 @@ def verdict(rows, records, head, branch=None):
             differs = [name for name, a, b in zip(SETUP_NAMES, setup(last), setup(theirs[-1])) if a != b]
             fix = (f"the fixed files changed: restore them with `git checkout {kept} -- {FIXED_FILES}` and commit"
                    if "harness" in differs else
+                   f"the dataset differs: run with AUTORESEARCH_DATASET={theirs[-1].get('dataset')}"
+                   if "dataset" in differs else
                    "the data differs: run with the cache (AUTORESEARCH_CACHE_DIR) and prepared data of the last "
                    "kept commit's runs" if "data" in differs else
                    "run with the backend and environment variables of the last kept commit's runs")

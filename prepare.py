@@ -3,11 +3,13 @@ One-time data preparation for autoresearch experiments, and the fixed runtime ut
 (tokenizer, data loader, evaluation) that train.py and train_mlx.py import.
 
 Usage:
-    uv run prepare.py                    # download 10 training shards + the validation shard, train the tokenizer
-    uv run prepare.py --num-shards 8     # fewer shards (-1 = all)
-    uv run prepare.py --source ~/corpus  # build the cache from local files instead of the hub
+    uv run prepare.py                         # download 10 training shards + the validation shard, train the tokenizer
+    uv run prepare.py --num-shards 8          # fewer shards (-1 = all)
+    uv run prepare.py --dataset tinystories   # another dataset (--list shows them), in a cache folder of its own
+    uv run prepare.py --source ~/corpus       # build the cache from local files instead of the hub
 
-Data, tokenizer and token ids live in ~/.cache/autoresearch/ (AUTORESEARCH_CACHE_DIR moves it).
+Data, tokenizer and token ids live in ~/.cache/autoresearch/ (AUTORESEARCH_CACHE_DIR moves it). The trainers use the
+dataset prepared last, or the one AUTORESEARCH_DATASET names.
 Framework-neutral: batches are numpy arrays; torch or mlx is imported only inside evaluate_bpb.
 """
 
@@ -29,6 +31,7 @@ import urllib.parse
 from bisect import bisect_right, insort
 from collections import deque
 from itertools import zip_longest
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -75,26 +78,112 @@ VAL_SHARD = MAX_SHARD  # pinned validation shard (shard_06542), never used for t
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
 
 # ---------------------------------------------------------------------------
+# Datasets: the original's climbmix and the presets of the Mac port this one follows (--dataset NAME)
+# ---------------------------------------------------------------------------
+
+class Dataset(NamedTuple):
+    repo: str        # the Hugging Face dataset; a file is {HF_ENDPOINT}/datasets/{repo}/resolve/{folder}/{file}
+    folder: str      # the revision, then the folder within it
+    file: str        # file name, {} standing for the file's number (0, 1, ...)
+    files: int       # training files: climbmix's validation file is number `files`, the others' the head of file 0
+    shards: int      # training shards `--num-shards` downloads by default
+    file_mb: int     # download size of one file, from the hub's listing
+    keep: tuple      # (column, minimum): only documents whose column is at least minimum; () keeps them all
+    about: str       # what it is, and its licence
+
+# Every preset's documents are in a `text` column. climbmix's files are shards already (downloaded as they are); the
+# others' are converted into shards of the same format: shard i holds file i's documents (those `keep` keeps) in row
+# groups of ROW_GROUP_DOCS, and the validation shard the first documents of file 0, enough for the evaluation's
+# EVAL_TOKENS at CHARS_PER_TOKEN, which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here:
+# its files hold Software Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama's
+# original, which is .jsonl.zst (no zstd in the standard library). fineweb-edu-high keeps `score` (a float), not
+# `int_score`: every fineweb-edu document has int_score >= 3 already, the filter that made the dataset.
+DATASETS = {
+    "climbmix": Dataset("karpathy/climbmix-400b-shuffle", "main", "shard_{:05d}.parquet", 6542, 10, 88, (),
+                        "NVIDIA's ClimbMix, shuffled: the original's data (cc-by-nc-4.0)"),
+    "tinystories": Dataset("karpathy/tinystories-gpt4-clean", "main", "tinystories_gpt4_clean.parquet", 1, 1, 673, (),
+                           "2.7 M short stories by GPT-4, cleaned: the original's advice for small machines "
+                           "(cdla-sharing-1.0)"),
+    "fineweb-edu": Dataset("HuggingFaceFW/fineweb-edu", "main/sample/10BT", "{:03d}_00000.parquet", 14, 1, 2153, (),
+                           "educational web pages, the 10B-token sample (odc-by)"),
+    "fineweb-edu-high": Dataset("HuggingFaceFW/fineweb-edu", "main/sample/10BT", "{:03d}_00000.parquet", 14, 2, 2153,
+                                ("score", 3.0), "fineweb-edu's documents of educational score 3 or more (odc-by)"),
+    "cosmopedia-v2": Dataset("HuggingFaceTB/smollm-corpus", "main/cosmopedia-v2", "train-{:05d}-of-00104.parquet", 104,
+                             1, 1062, (), "synthetic textbooks, stories and blog posts by Mixtral (odc-by)"),
+    "slimpajama": Dataset("DKYoon/SlimPajama-6B", "refs%2Fconvert%2Fparquet/default/train", "{:04d}.parquet", 48, 4,
+                          290, (), "a 6B-token sample of SlimPajama: web, books, arXiv, Wikipedia, code "
+                          "(its card names no licence)"),
+}
+SOURCE = "source"  # the name of a corpus built with --source; it shares the cache root with climbmix, as before
+
+# ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
 
 CACHE_DIR = os.path.abspath(os.path.expanduser(
     os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join("~", ".cache", "autoresearch")))
-DATA_DIR = os.path.join(CACHE_DIR, "data")
-TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-TOKENS_DIR = os.path.join(CACHE_DIR, "tokens")  # token ids of every shard, one folder per tokenizer
-# HF_ENDPOINT points at a hub mirror; AUTORESEARCH_DATA_URL names the folder of shards outright
+LAST_DATASET = "dataset.json"  # in CACHE_DIR: the dataset prepare.py prepared last, the one a run uses by default
+SOURCE_MARKER = "source.json"  # in the data folder: the shards came from --source, so a plain run downloads nothing
+# HF_ENDPOINT points at a hub mirror; AUTORESEARCH_DATA_URL names the folder of a dataset's files outright
 HF_ENDPOINT = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
-            or f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main").rstrip("/")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, obj):
+    with open(tmp_name(path), "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp_name(path), path)
+
+
+def dataset_dir(name):
+    """The folder of a dataset's data/, tokenizer/ and tokens/: the cache root for climbmix (where earlier versions
+    kept it, so an existing cache stays valid) and --source, datasets/NAME for the other presets."""
+    return CACHE_DIR if name in ("climbmix", SOURCE) else os.path.join(CACHE_DIR, "datasets", name)
+
+
+def default_dataset():
+    """AUTORESEARCH_DATASET, else the dataset prepared last, else climbmix (or an older --source corpus)."""
+    last = (read_json(os.path.join(CACHE_DIR, LAST_DATASET)) or {}).get("dataset")
+    name = (os.environ.get("AUTORESEARCH_DATASET") or last
+            or (SOURCE if os.path.exists(os.path.join(CACHE_DIR, "data", SOURCE_MARKER)) else "climbmix"))
+    if name not in DATASETS and name != SOURCE:
+        raise PrepareError(f"error: AUTORESEARCH_DATASET={name}: no such dataset; choose one of "
+                           f"{', '.join(DATASETS)} or {SOURCE} (a corpus built with --source)")
+    return name
+
+
+def use_dataset(name):
+    """Point the data, tokenizer and token folders, the download URL and the hint of the errors at a dataset."""
+    global DATASET, DATA_DIR, TOKENIZER_DIR, TOKENS_DIR, BASE_URL, RUN_PREPARE
+    DATASET = name
+    DATA_DIR = os.path.join(dataset_dir(name), "data")
+    TOKENIZER_DIR = os.path.join(dataset_dir(name), "tokenizer")
+    TOKENS_DIR = os.path.join(dataset_dir(name), "tokens")  # token ids of every shard, one folder per tokenizer
+    preset = DATASETS.get(name)
+    BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL") or preset and
+                f"{HF_ENDPOINT}/datasets/{preset.repo}/resolve/{preset.folder}" or "").rstrip("/")
+    # the command that prepares it: a plain `uv run prepare.py` where that is the one it would prepare
+    plain = name == default_dataset() and not os.environ.get("AUTORESEARCH_DATASET")
+    RUN_PREPARE = ("run `uv run prepare.py`" if plain else
+                   f"run `uv run prepare.py --dataset {name}`" if preset else
+                   "build it with `uv run prepare.py --source PATH`")
+
+
+use_dataset(default_dataset())
 
 DOWNLOAD_ATTEMPTS = 5
 RETRY_BACKOFF = 2.0            # seconds before the first retry, doubling after each failure
 SOURCE_SHARD_CHARS = 100_000_000  # --source: characters per training shard written
-SOURCE_CHARS_PER_TOKEN = 5        # --source: held-out text is sized for EVAL_TOKENS at this many characters a token
+CHARS_PER_TOKEN = 5               # held-out validation text is sized for EVAL_TOKENS at this many characters a token
                                   # (English prose gives about 4 with this tokenizer: a margin for denser text)
 ROW_GROUP_DOCS = 1000             # --source: documents per parquet row group
-RUN_PREPARE = "run `uv run prepare.py`"
 LOCK_FILE = ".prepare.lock"       # in CACHE_DIR: one prepare.py at a time per cache; holds the running one's pid
 
 # ---------------------------------------------------------------------------
@@ -105,19 +194,22 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
-def check_shard(path, full=False):
-    """Why the shard at path is unusable (a string), or None if it is a readable parquet file with a
-    `text` column and >= 1 row. The footer check catches truncation; full=True also decodes every page."""
+def check_shard(path, full=False, keep=()):
+    """Why the shard at path is unusable (a string), or None if it is a readable parquet file with a `text` column
+    (and keep's numeric column) and >= 1 row. The footer check catches truncation; full=True also decodes every page."""
     try:
         pf = pq.ParquetFile(path)
         field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
         if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
             return "no string column `text`"
+        kind = pf.schema_arrow.field(keep[0]).type if keep and keep[0] in pf.schema_arrow.names else pa.null()
+        if keep and not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            return f"no numeric column `{keep[0]}`"
         if pf.metadata.num_rows < 1:
             return "no rows"
         if full:
             for rg in range(pf.num_row_groups):
-                pf.read_row_group(rg, columns=["text"])
+                pf.read_row_group(rg, columns=["text", *keep[:1]])
     except (OSError, pa.ArrowException) as e:
         return f"unreadable parquet: {e}"
     return None
@@ -143,27 +235,26 @@ def unreachable(e, base_url):
     return f"error: cannot reach {urllib.parse.urlsplit(base_url).netloc} ({why}): {OFFLINE_HINT}"
 
 
-def download_shard(name, base_url, backoff, log, stop=None):
-    """Stream one shard to a temporary file, verify it, rename it into place. Returns True on success. An unreachable
-    server raises PrepareError at once; stop (a threading.Event) set by another worker ends the retries."""
-    path = os.path.join(DATA_DIR, name)
-    tmp_path = tmp_name(path)
+def download_file(name, base_url, backoff, log, stop=None, keep=()):
+    """Stream one file to a temporary file in DATA_DIR and verify it; returns that file's path, or None after the last
+    attempt failed. An unreachable server raises PrepareError at once; stop (a threading.Event) set by another worker
+    ends the retries."""
+    tmp_path = tmp_name(os.path.join(DATA_DIR, name))
     url = f"{base_url}/{name}"
     stop = stop or threading.Event()
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         if stop.is_set():
-            return False
+            return None
         try:
             with requests.get(url, stream=True, timeout=30) as response:
                 response.raise_for_status()
                 with open(tmp_path, "wb") as f:
                     for chunk in response.iter_content(chunk_size=1024 * 1024):
                         f.write(chunk)
-            problem = check_shard(tmp_path, full=True)
+            problem = check_shard(tmp_path, full=True, keep=keep)
             if problem is not None:
                 raise ValueError(problem)
-            os.replace(tmp_path, path)  # atomic: a shard on disk is always a complete one
-            return True
+            return tmp_path
         except (requests.RequestException, OSError, ValueError) as e:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
@@ -174,36 +265,76 @@ def download_shard(name, base_url, backoff, log, stop=None):
             permanent = status is not None and 400 <= status < 500 and status != 429  # e.g. 404: retrying won't help
             if attempt == DOWNLOAD_ATTEMPTS or permanent:
                 log(f"  {name}: failed after {attempt} attempt(s): {e}")
-                return False
+                return None
             delay = backoff * 2 ** (attempt - 1)
             log(f"  {name}: attempt {attempt}/{DOWNLOAD_ATTEMPTS} failed ({e}); retrying in {delay:g}s")
             stop.wait(delay)
 
 
-def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RETRY_BACKOFF):
-    """Download training shards 0..num_shards-1 + the pinned validation shard; verify what is already there."""
+def kept_documents(path, keep):
+    """The non-empty documents of a downloaded file, in order, ROW_GROUP_DOCS at a time in memory; with keep, only
+    those whose keep[0] column is at least keep[1]."""
+    pf = pq.ParquetFile(path)
+    for batch in pf.iter_batches(batch_size=ROW_GROUP_DOCS, columns=["text", *keep[:1]]):
+        texts = batch.column(0).to_pylist()
+        scores = batch.column(1).to_pylist() if keep else [None] * len(texts)
+        yield from (text for text, score in zip(texts, scores)
+                    if text and (not keep or score is not None and score >= keep[1]))
+
+
+def convert_file(path, name, index, keep):
+    """Write the documents of `name`, downloaded to path, as shard `index`; file 0 gives the validation shard its
+    first documents, enough text for the evaluation (EVAL_TOKENS at CHARS_PER_TOKEN), and shard 0 the rest."""
+    docs = kept_documents(path, keep)
+    if index == 0:
+        val, chars = [], 0
+        for doc in docs:
+            val.append(doc)
+            chars += len(doc)
+            if chars >= EVAL_TOKENS * CHARS_PER_TOKEN:
+                break
+        write_shard(VAL_FILENAME, val)
+    if write_shard(shard_name(index), docs)[1] == 0:
+        raise PrepareError(f"error: {name} of {DATASET} left no documents to train on (the validation shard took "
+                           f"them all, or `keep` none): is the mirror serving other files?")
+
+
+def download_data(num_shards, download_workers=8, base_url=None, backoff=RETRY_BACKOFF):
+    """Make training shards 0..num_shards-1 and the validation shard of DATASET; verify what is already there.
+    climbmix's files are shards (its validation shard is file number `files`); the other presets' files are
+    downloaded and converted into them (file 0 yields the validation shard too)."""
+    preset = DATASETS[DATASET]
+    base_url = base_url or BASE_URL
     os.makedirs(DATA_DIR, exist_ok=True)
-    names = [shard_name(i) for i in range(min(num_shards, MAX_SHARD))] + [VAL_FILENAME]
+    # a job: (file number, the file to download, the shards it yields); files named as shards are shards already
+    n = min(num_shards, preset.files)
+    ready = preset.file.format(0) == shard_name(0)
+    if ready:
+        jobs = [(i, shard_name(i), [shard_name(i)]) for i in [*range(n), preset.files]]
+    else:
+        jobs = [(i, preset.file.format(i), [shard_name(i)] + [VAL_FILENAME] * (i == 0)) for i in range(n)]
+    names = sorted(name for *_, outputs in jobs for name in outputs)
     for leftover in [f for f in os.listdir(DATA_DIR) if f.endswith(".tmp")]:
         os.remove(os.path.join(DATA_DIR, leftover))  # from an interrupted run (main holds the cache lock); redone below
     missing = []
-    for name in names:
-        path = os.path.join(DATA_DIR, name)
-        if os.path.exists(path):
-            problem = check_shard(path)
-            if problem is None:
-                continue
-            print(f"Data: {name} on disk is corrupt ({problem}); fetching it again")
-            os.remove(path)
-        missing.append(name)
+    for job in jobs:
+        for name in job[2]:
+            path = os.path.join(DATA_DIR, name)
+            problem = check_shard(path) if os.path.exists(path) else "missing"
+            if problem not in (None, "missing"):
+                print(f"Data: {name} on disk is corrupt ({problem}); fetching it again")
+                os.remove(path)
+            if problem is not None and job not in missing:
+                missing.append(job)
     if not missing:
         print(f"Data: all {len(names)} shards ready at {DATA_DIR}")
         return
 
-    print(f"Data: downloading {len(missing)} shards ({len(names) - len(missing)} already verified) from {base_url}")
+    what = "downloading {} shards" if ready else "downloading and converting {} files"
+    print(f"Data: {what.format(len(missing))} ({len(jobs) - len(missing)} already verified) from {base_url}")
     todo, lock = queue.Queue(), threading.Lock()
-    for name in missing:
-        todo.put(name)
+    for job in missing:
+        todo.put(job)
     stop, fatal = threading.Event(), []  # the first unreachable-server error stops every worker; it alone is reported
     done, nbytes, t0 = 0, 0, time.time()
 
@@ -211,15 +342,30 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
         with lock:
             print(line, flush=True)
 
+    def fetch(index, name):
+        """Download one file and put its shards in place; returns its size in bytes, or None if it failed."""
+        path = download_file(name, base_url, backoff, log, stop, preset.keep)
+        if path is None:
+            return None
+        size = os.path.getsize(path)
+        if ready:
+            os.replace(path, os.path.join(DATA_DIR, name))  # atomic: a shard on disk is always a complete one
+        else:
+            try:
+                convert_file(path, name, index, preset.keep)
+            finally:
+                os.remove(path)
+        return size
+
     def worker():
         nonlocal done, nbytes
         while not stop.is_set():
             try:
-                name = todo.get_nowait()
+                index, name, _ = todo.get_nowait()
             except queue.Empty:
                 return
             try:
-                ok = download_shard(name, base_url, backoff, log, stop)
+                size = fetch(index, name)
             except PrepareError as e:
                 fatal.append(e)
                 stop.set()
@@ -227,9 +373,9 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
                 return
             with lock:
                 done += 1
-                nbytes += os.path.getsize(os.path.join(DATA_DIR, name)) if ok else 0
+                nbytes += size or 0
                 mb = nbytes / 1e6
-                print(f"  [{done}/{len(missing)}] {name} {'ok' if ok else 'FAILED'} "
+                print(f"  [{done}/{len(missing)}] {name} {'FAILED' if size is None else 'ok'} "
                       f"({mb:.1f} MB so far, {mb / max(time.time() - t0, 1e-9):.1f} MB/s)", flush=True)
 
     # daemon threads: Ctrl-C ends the process at once; the next run resumes from the verified shards
@@ -240,9 +386,11 @@ def download_data(num_shards, download_workers=8, base_url=BASE_URL, backoff=RET
         t.join()
     if fatal:
         raise fatal[0]
-    failed = [name for name in missing if not os.path.exists(os.path.join(DATA_DIR, name))]
+    failed = [name for _, name, outputs in missing
+              if not all(os.path.exists(os.path.join(DATA_DIR, shard)) for shard in outputs)]
     if failed:
-        raise PrepareError(f"error: {len(failed)} of {len(names)} shards could not be downloaded from {base_url} "
+        raise PrepareError(f"error: {len(failed)} of {len(jobs)} {'shards' if ready else 'files'} could not be "
+                           f"downloaded from {base_url} "
                            f"({first_names(failed)}): rerun to retry; {OFFLINE_HINT}")
     print(f"Data: {len(names)}/{len(names)} shards ready at {DATA_DIR}")
 
@@ -261,7 +409,6 @@ their path (e.g. valid.txt, val/part-0.jsonl) become the validation shard; witho
 documents are held out: enough text for the evaluation's EVAL_TOKENS tokens, at most a fifth of the
 corpus. Other files are skipped. Written to the cache as shard_00000.parquet... + shard_06542.parquet."""
 SOURCE_TYPES = (".parquet", ".jsonl", ".txt")
-SOURCE_MARKER = "source.json"  # in DATA_DIR: the shards came from --source, so a plain run downloads nothing
 VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.IGNORECASE)
 
 
@@ -351,19 +498,26 @@ def first_non_utf8_line(path):
 
 
 def write_shard(name, docs):
-    """Write docs as DATA_DIR/name in row groups of ROW_GROUP_DOCS; keep the old file if the bytes are
-    identical, so rerunning --source on the same corpus retrains nothing. Returns True if it changed."""
+    """Write docs (any iterable) as DATA_DIR/name in row groups of ROW_GROUP_DOCS; keep the old file if the bytes are
+    identical, so rerunning on the same text retrains nothing. Returns (whether it changed, documents written)."""
     path = os.path.join(DATA_DIR, name)
     tmp_path = tmp_name(path)
     schema = pa.schema([("text", pa.string())])
+    count, group = 0, []
     with pq.ParquetWriter(tmp_path, schema, compression="zstd") as writer:
-        for i in range(0, len(docs), ROW_GROUP_DOCS):
-            writer.write_table(pa.table({"text": docs[i:i + ROW_GROUP_DOCS]}, schema=schema))
+        for doc in docs:
+            group.append(doc)
+            if len(group) == ROW_GROUP_DOCS:
+                writer.write_table(pa.table({"text": group}, schema=schema))
+                count, group = count + len(group), []
+        if group:
+            writer.write_table(pa.table({"text": group}, schema=schema))
+            count += len(group)
     if os.path.exists(path) and filecmp.cmp(tmp_path, path, shallow=False):
         os.remove(tmp_path)
-        return False
+        return False, count
     os.replace(tmp_path, path)
-    return True
+    return True, count
 
 
 def build_from_source(source):
@@ -391,7 +545,7 @@ def build_from_source(source):
     n_train = None  # every training-file document is for training...
     if not val_files:  # ...unless validation must come from their tail: count it out first
         lengths = [len(d) for d in train_docs()]
-        budget = min(EVAL_TOKENS * SOURCE_CHARS_PER_TOKEN, sum(lengths) // 5)
+        budget = min(EVAL_TOKENS * CHARS_PER_TOKEN, sum(lengths) // 5)
         n_train, held_out = len(lengths) - 1, lengths[-1] if lengths else 0
         while held_out < budget and n_train > 1:
             n_train -= 1
@@ -415,16 +569,16 @@ def build_from_source(source):
         chars += len(doc)
         if chars >= SOURCE_SHARD_CHARS:
             written.append(shard_name(len(written)))
-            changed += write_shard(written[-1], shard)
+            changed += write_shard(written[-1], shard)[0]
             shard, chars = [], 0
     if shard:
         written.append(shard_name(len(written)))
-        changed += write_shard(written[-1], shard)
+        changed += write_shard(written[-1], shard)[0]
     for f in val_files:
         val_docs.extend(source_documents(f))
     if not written or not val_docs:
         raise PrepareError(f"error: --source {source}: no documents for {'training' if not written else 'validation'}")
-    changed += write_shard(VAL_FILENAME, val_docs)
+    changed += write_shard(VAL_FILENAME, val_docs)[0]
     written.append(VAL_FILENAME)
     for stale in set(existing) - set(written):
         os.remove(os.path.join(DATA_DIR, stale))
@@ -484,20 +638,6 @@ def text_iterator(parquet_paths, record, max_chars=1_000_000_000, doc_cap=10_000
                 if nchars >= max_chars:
                     return
     record["complete"] = True
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, obj):
-    with open(tmp_name(path), "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp_name(path), path)
 
 
 def tokenizer_staleness(train_paths):
@@ -712,7 +852,8 @@ class Tokenizer:
         self.fingerprint = h.hexdigest()
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
+    def from_directory(cls, tokenizer_dir=None):
+        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR  # the dataset's, as chosen when called
         enc = load_encoding(tokenizer_dir)
         read_token_bytes(enc, tokenizer_dir)  # a stale table fails now, not at the evaluation after training
         return cls(enc)
@@ -745,6 +886,10 @@ class Tokenizer:
 
 def load_encoding(tokenizer_dir):
     """The tiktoken encoding that prepare.py trained, or a one-line error saying what to run."""
+    marker = read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
+    held = f"the corpus built from --source {marker['source']}" if marker else list_parquet_files() and "climbmix"
+    if held and (marker is not None) != (DATASET == SOURCE):  # climbmix and --source share a folder: which is there
+        raise PrepareError(f"error: dataset {DATASET} is not prepared here ({DATA_DIR} holds {held}): {RUN_PREPARE}")
     if not os.path.exists(os.path.join(tokenizer_dir, TOKENIZER_RECORD)):
         if not list_parquet_files():
             raise PrepareError(f"error: no data in {DATA_DIR}: {RUN_PREPARE} first")
@@ -965,25 +1110,71 @@ def hold_cache_lock():
     return lock
 
 
+def prepared_here(name):
+    """--list's note on a dataset: whether this cache holds it prepared, its training shards and its size on disk."""
+    folder = dataset_dir(name)
+    data = os.path.join(folder, "data")
+    complete = (read_json(os.path.join(data, SOURCE_MARKER)) or {}).get("complete")  # None: not built with --source
+    if ((complete is not None) != (name == SOURCE) or complete is False
+            or not os.path.exists(os.path.join(data, VAL_FILENAME))
+            or not os.path.exists(os.path.join(folder, "tokenizer", TOKENIZER_RECORD))):
+        return "no"
+    shards = sum(f.endswith(".parquet") for f in os.listdir(data)) - 1
+    nbytes = sum(os.path.getsize(os.path.join(root, f)) for part in ("data", "tokenizer", "tokens")
+                 for root, _, files in os.walk(os.path.join(folder, part)) for f in files)
+    return (f"yes: {shards} training shards, {nbytes / 1e9:.2f} GB on disk with tokenizer and token ids"
+            + (" (runs use it)" if name == DATASET else ""))
+
+
+def list_datasets():
+    print(f"{'dataset':<17} {'shards':>6} {'default':>7} {'a shard':>8}  prepared here ({CACHE_DIR})")
+    for name, d in DATASETS.items():
+        print(f"{name:<17} {d.files:>6} {d.shards:>7} {d.file_mb:>5} MB  {prepared_here(name)}")
+        print(f"{'':<17} {d.about}")
+    print(f"{SOURCE:<17} {'-':>6} {'-':>7} {'-':>8}  {prepared_here(SOURCE)}")
+    print(f"{'':<17} your own text: uv run prepare.py --source PATH")
+    print(f"A shard's size is its file's download size (a converted shard keeps the text alone). `default` is the "
+          f"number of training shards --num-shards downloads unless told; each dataset has a folder of its own, so "
+          f"preparing one never deletes another. Runs use the dataset prepared last; AUTORESEARCH_DATASET=NAME picks "
+          f"another.")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description="Prepare data and tokenizer for autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"""environment variables:
   AUTORESEARCH_CACHE_DIR  where data, tokenizer and token ids go (default ~/.cache/autoresearch; now {CACHE_DIR})
+  AUTORESEARCH_DATASET    the dataset to prepare without --dataset, and the one runs use (default: the one prepared
+                          last, else climbmix; now {DATASET})
   HF_ENDPOINT             a Hugging Face mirror to download from (now {HF_ENDPOINT})
-  AUTORESEARCH_DATA_URL   a folder of shards to download from instead of the hub (now {BASE_URL})""")
-    parser.add_argument("--num-shards", type=int, default=10, help="Number of training shards to download (default 10, -1 = all). Val shard is always pinned.")
+  AUTORESEARCH_DATA_URL   a folder of shards (the dataset's files) to download from instead of the hub
+                          (now {BASE_URL})""")
+    parser.add_argument("--dataset", metavar="NAME", help=f"the dataset to download: {', '.join(DATASETS)} "
+                        f"(default: the one prepared last, else climbmix; --list describes them)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the datasets, their sizes and which are prepared here")
+    parser.add_argument("--num-shards", type=int, help="Number of training shards to download (default: the dataset's, "
+                        "10 for climbmix; -1 = all). The validation shard is always pinned.")
     parser.add_argument("--download-workers", type=int, default=8, help="Number of parallel download workers")
     parser.add_argument("--source", metavar="PATH", help="Build the data from local files instead of downloading: "
                         + SOURCE_HELP)
     args = parser.parse_args()
-    if args.num_shards < 1 and args.num_shards != -1:
+    if args.num_shards is not None and args.num_shards < 1 and args.num_shards != -1:
         parser.error("--num-shards must be >= 1, or -1 for all")
     if args.download_workers < 1:
         parser.error("--download-workers must be >= 1")
-    num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
+    if args.dataset is not None and args.dataset not in DATASETS:
+        raise PrepareError(f"error: --dataset {args.dataset}: no such dataset; choose one of {', '.join(DATASETS)} "
+                           f"(or --source PATH for text of your own)")
+    if args.source and args.dataset:
+        parser.error("--source builds a dataset of its own (source): leave out --dataset")
+    if args.list:
+        list_datasets()
+        return
+    use_dataset(SOURCE if args.source else args.dataset or DATASET)
 
     print(f"Cache directory: {CACHE_DIR}")
+    print(f"Dataset: {DATASET} (runs use the dataset prepared last; AUTORESEARCH_DATASET=NAME picks another)")
     lock = hold_cache_lock()  # kept until exit (dropped, the file would close): two runs delete each other's files
     print()
 
@@ -991,18 +1182,28 @@ def main():
     marker = read_json(os.path.join(DATA_DIR, SOURCE_MARKER))
     if args.source:
         build_from_source(args.source)
+    elif marker is not None and DATASET != SOURCE:
+        raise PrepareError(f"error: {DATA_DIR} holds the corpus built from --source {marker['source']}, and climbmix "
+                           f"would share its folder: set AUTORESEARCH_CACHE_DIR to another folder for climbmix")
     elif marker is not None and not marker.get("complete", True):  # a marker without the key predates it: complete
         raise PrepareError(f"error: building the data from --source {marker['source']} did not finish: rerun "
                            f"`uv run prepare.py --source {shlex.quote(marker['source'])}`")
     elif marker is not None:
         print(f"Data: using the shards built from --source {marker['source']} (delete {DATA_DIR} to download instead)")
+    elif DATASET == SOURCE:
+        raise PrepareError(f"error: no corpus built from --source in {DATA_DIR}: build one with "
+                           f"`uv run prepare.py --source PATH`, or choose a dataset with --dataset")
     else:
-        download_data(num_shards, download_workers=args.download_workers)
+        preset = DATASETS[DATASET]
+        num_shards = args.num_shards or preset.shards
+        download_data(preset.files if num_shards == -1 else num_shards, download_workers=args.download_workers)
     print()
 
     # Step 2: tokenizer, then the token ids of every shard
     train_tokenizer()
     tokenize_data()
+    if read_json(os.path.join(CACHE_DIR, LAST_DATASET)) != {"dataset": DATASET}:  # a rerun changes nothing
+        write_json(os.path.join(CACHE_DIR, LAST_DATASET), {"dataset": DATASET})
     print()
     print("Done! Ready to train.")
 

@@ -14,8 +14,8 @@ says what a commit without a record means. A record is appended on a line of its
 torn last line (a full disk, a killed writer) costs that line only.
 
 Each record also holds how fast the machine itself was as training began and as it ended (backends/calibrate.py),
-the branch it ran on, and fingerprints of the fixed files and of the data: analysis.py compares only runs of one
-branch whose fingerprints are equal and whose machine speeds agree.
+the branch it ran on, the dataset's name, and fingerprints of the fixed files and of the data: analysis.py compares
+only runs of one branch whose dataset and fingerprints are equal and whose machine speeds agree.
 """
 
 import atexit
@@ -57,6 +57,7 @@ SUMMARY = (
     ("startup_seconds", ".1f"),
     ("eval_seconds", ".1f"),
     ("harness", "s"),
+    ("dataset", "s"),  # the dataset's name (prepare.py --dataset, AUTORESEARCH_DATASET)
     ("data", "s"),
     ("machine_speed", ".1f"),  # GFLOP/s of backends/calibrate.py's matmul: the mean of the readings around training
 )
@@ -137,6 +138,7 @@ class Run:
             "trainer": os.path.basename(trainer),
             "trainer_sha": fingerprint([os.path.basename(trainer)], os.path.dirname(trainer)),
             "harness": harness_fingerprint(),
+            "dataset": prepare.DATASET,
             "data": data,
             "backend": backend,
             "chip": hw["chip"],
@@ -203,7 +205,8 @@ class Run:
                       peak_vram_mb=peak_vram_mb, mfu_percent=mfu_percent, total_tokens_M=total_tokens_M,
                       num_steps=num_steps, num_params_M=num_params_M, depth=depth, backend=self.record["backend"],
                       chip=self.record["chip"], startup_seconds=total_seconds - training_seconds - eval_seconds,
-                      eval_seconds=eval_seconds, harness=self.record["harness"], data=self.record["data"],
+                      eval_seconds=eval_seconds, harness=self.record["harness"],
+                      dataset=self.record["dataset"], data=self.record["data"],
                       machine_speed=machine["machine_speed"])
         # what the summary prints is what the record holds: each value rounded as printed, "-" for None
         printed = {key: "-" if values[key] is None else format(values[key], fmt) for key, fmt in SUMMARY}

@@ -37,14 +37,15 @@ def run_python(code, env=None, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def use_cache(monkeypatch, cache_dir):
-    """Point prepare (in this process, and any prepare.py started from it) at another cache folder."""
+def use_cache(monkeypatch, cache_dir, dataset=None):
+    """Point prepare (in this process, and any prepare.py started from it) at another cache folder, and at the
+    dataset a fresh process would use there (the one prepared last, else climbmix) unless told another."""
     cache_dir = str(cache_dir)
     monkeypatch.setenv("AUTORESEARCH_CACHE_DIR", cache_dir)
     monkeypatch.setattr(prepare, "CACHE_DIR", cache_dir)
-    monkeypatch.setattr(prepare, "DATA_DIR", os.path.join(cache_dir, "data"))
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", os.path.join(cache_dir, "tokenizer"))
-    monkeypatch.setattr(prepare, "TOKENS_DIR", os.path.join(cache_dir, "tokens"))
+    for name in ("DATASET", "DATA_DIR", "TOKENIZER_DIR", "TOKENS_DIR", "BASE_URL", "RUN_PREPARE"):
+        monkeypatch.setattr(prepare, name, getattr(prepare, name))  # restored after the test
+    prepare.use_dataset(dataset or prepare.default_dataset())
 
 # ---------------------------------------------------------------------------
 # Synthetic corpus

@@ -518,6 +518,21 @@ def test_data_of_another_cache_is_never_compared():
     assert "data e2e2e2e2" in str(e.value) and "the data differs" in str(e.value)
 
 
+def test_runs_on_two_datasets_are_never_compared(tmp_path):
+    """Even with one fingerprint (two caches can hold data that tokenizes alike), the dataset's name decides."""
+    rows, records = baseline_session()
+    records = [{**r, "data": "d1d1d1d1", "dataset": "climbmix"} for r in records]
+    with pytest.raises(SystemExit) as e:
+        verdict(rows, records + [rec(IDEA, 0.5, data="d1d1d1d1", dataset="tinystories")])
+    assert "dataset tinystories" in str(e.value) and "dataset climbmix" in str(e.value)
+    assert "the dataset differs: run with AUTORESEARCH_DATASET=climbmix" in str(e.value)
+    rows.append(row(IDEA, 0.5, "discard"))
+    write(tmp_path, rows, records + [rec(IDEA, 0.5, data="d1d1d1d1", dataset="tinystories")])
+    returncode, out, err = cli(tmp_path, "--json")
+    assert returncode == 0, err
+    assert json.loads(out)["not_comparable"][0]["differs"] == ["dataset"]
+
+
 def test_the_report_marks_drifted_runs(tmp_path):
     rows, records = night()
     records = [{**r, **at(100.0)} for r in records]

@@ -42,6 +42,8 @@ COMMANDS = {
     "uv sync --locked --extra all --compile-bytecode": (".ci/run",),
     "uv run prepare.py": ("tests/conftest.py::prepared_cache",),
     "uv run prepare.py --source ~/corpus": ("tests/test_prepare.py::test_source_cli_builds_a_working_cache",),
+    "uv run prepare.py --dataset tinystories": ("tests/test_datasets.py::two_datasets",),
+    "uv run prepare.py --list": ("tests/test_datasets.py::test_list_shows_sizes_and_what_is_prepared",),
     "uv run prepare.py --help": ("tests/test_docs.py::test_prepare_help_lists_every_option_the_readme_names",),
     "uv run python -m backends": ("tests/test_docs.py::test_python_m_backends_prints_the_fields_the_readme_shows",),
     "AUTORESEARCH_BACKEND=mps uv run train.py": ("tests/test_backends.py::test_requested_backend_that_works_is_returned",

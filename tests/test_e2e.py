@@ -18,7 +18,7 @@ from conftest import ROOT, SMOKE_ENV, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
-                "data", "machine_speed"]
+                "dataset", "data", "machine_speed"]
 RECORD_KEYS = {"id", "time", "commit", "branch", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip",
                "smoke", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
                "machine_speeds", "loadavg", *SUMMARY_KEYS}
@@ -83,6 +83,7 @@ def check_summary(log_path, backend, untrained):
     assert values["backend"] == backend
     assert any(w.startswith("smoke test") and "not comparable" in w for w in warnings)  # never a real result
     assert values["harness"] == record.harness_fingerprint()
+    assert values["dataset"] == "climbmix"  # the session cache's, downloaded from the test server
     for key in ("total_seconds", "startup_seconds", "eval_seconds", "mfu_percent", "total_tokens_M", "num_params_M"):
         assert float(values[key]) >= 0, key
     # every step trains on TOTAL_BATCH_SIZE tokens (the CPU tier's 2048, the GPU tier's where MLX's CUDA build runs):

@@ -507,7 +507,7 @@ def test_source_rerun_is_idempotent_and_drops_stale_shards(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("eval_tokens", [2048, 10 * 524288])
 def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, monkeypatch, eval_tokens):
-    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at SOURCE_CHARS_PER_TOKEN
+    """The held-out tail is the shortest one with enough text for EVAL_TOKENS (estimated at CHARS_PER_TOKEN
     characters a token), but never more than a fifth of the corpus."""
     use_cache(monkeypatch, tmp_path / "cache")
     monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
@@ -520,7 +520,7 @@ def test_source_without_validation_file_holds_out_enough_of_the_tail(tmp_path, m
     val = shard_texts(tmp_path / "cache" / "data" / prepare.VAL_FILENAME)
     assert train + val == docs
     total = sum(map(len, docs))
-    budget = min(eval_tokens * prepare.SOURCE_CHARS_PER_TOKEN, total // 5)
+    budget = min(eval_tokens * prepare.CHARS_PER_TOKEN, total // 5)
     assert sum(map(len, val)) >= budget > sum(map(len, val[1:]))
     assert budget == (10240 if eval_tokens == 2048 else total // 5)  # enough for 2048 tokens; a fifth of this corpus
 
@@ -674,6 +674,8 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Tokenizer: no tokenizer yet; training BPE tokenizer on 1 training shards" in result.stdout
     assert result.stdout.strip().endswith("\n".join(validation_report(tmp_path / "cache")) + "\n\nDone! Ready to train.")
+    use_cache(monkeypatch, tmp_path / "cache")  # again: it holds the dataset `source` now, as a new process finds
+    assert prepare.DATASET == "source"
     tokenizer = load_tokenizer(tmp_path / "cache")
     for split in ("train", "val"):
         fast, ref = prepare.make_dataloader(tokenizer, 2, 512, split), reference_dataloader(tokenizer, 2, 512, split)

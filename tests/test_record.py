@@ -25,7 +25,8 @@ VALUES = dict(val_bpb=1.2345678, training_seconds=300.04, total_seconds=400.26, 
               eval_seconds=30.11)
 ORIGINAL_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                  "num_steps", "num_params_M", "depth"]  # the original's summary, in its order, after `---`
-KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness", "data", "machine_speed"]
+KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness", "dataset", "data",
+                        "machine_speed"]
 
 
 @pytest.fixture
@@ -65,7 +66,8 @@ def test_summary_prints_the_originals_lines_first_then_ours(in_tmp, capsys):
         "val_bpb": "1.234568", "training_seconds": "300.0", "total_seconds": "400.3", "peak_vram_mb": "1234.6",
         "mfu_percent": "12.35", "total_tokens_M": "0.041", "num_steps": "20", "num_params_M": "3.5", "depth": "2",
         "backend": "cpu", "chip": "Test Chip", "startup_seconds": "70.1", "eval_seconds": "30.1",
-        "harness": record.harness_fingerprint(), "data": "-", "machine_speed": "95.0",  # no data prepared here
+        "harness": record.harness_fingerprint(), "dataset": prepare.DATASET, "data": "-",  # no data prepared here
+        "machine_speed": "95.0",
     }
 
 
