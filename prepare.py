@@ -95,9 +95,10 @@ class Dataset(NamedTuple):
 # others' are converted into shards of the same format: shard i holds file i's documents (those `keep` keeps) in row
 # groups of ROW_GROUP_DOCS, and the validation shard the first documents of file 0, enough for the evaluation's
 # EVAL_TOKENS at CHARS_PER_TOKEN, which training never reads. python-edu (HuggingFaceTB/smollm-corpus) is not here:
-# its files hold Software Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama's
-# original, which is .jsonl.zst (no zstd in the standard library). fineweb-edu-high keeps `score` (a float), not
-# `int_score`: every fineweb-edu document has int_score >= 3 already, the filter that made the dataset.
+# its files hold Software Heritage blob ids, the code itself is behind one S3 request per file. Nor SlimPajama: its
+# original is .jsonl.zst (no zstd in the standard library), and the file count of its 6B-token parquet sample
+# (DKYoon/SlimPajama-6B) could not be confirmed (sources disagree: 48 or 52). fineweb-edu-high keeps `score` (a
+# float), not `int_score`: every fineweb-edu document has int_score >= 3 already, the filter that made the dataset.
 DATASETS = {
     "climbmix": Dataset("karpathy/climbmix-400b-shuffle", "main", "shard_{:05d}.parquet", 6542, 10, 88, (),
                         "NVIDIA's ClimbMix, shuffled: the original's data (cc-by-nc-4.0)"),
@@ -110,9 +111,6 @@ DATASETS = {
                                 ("score", 3.0), "fineweb-edu's documents of educational score 3 or more (odc-by)"),
     "cosmopedia-v2": Dataset("HuggingFaceTB/smollm-corpus", "main/cosmopedia-v2", "train-{:05d}-of-00104.parquet", 104,
                              1, 1062, (), "synthetic textbooks, stories and blog posts by Mixtral (odc-by)"),
-    "slimpajama": Dataset("DKYoon/SlimPajama-6B", "refs%2Fconvert%2Fparquet/default/train", "{:04d}.parquet", 48, 4,
-                          290, (), "a 6B-token sample of SlimPajama: web, books, arXiv, Wikipedia, code "
-                          "(its card names no licence)"),
 }
 SOURCE = "source"  # the name of a corpus built with --source; it shares the cache root with climbmix, as before
 

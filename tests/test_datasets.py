@@ -27,8 +27,6 @@ URLS = {
                          for i in range(2)],
     "cosmopedia-v2": [f"/datasets/HuggingFaceTB/smollm-corpus/resolve/main/cosmopedia-v2/train-0000{i}-of-00104.parquet"
                       for i in range(2)],
-    "slimpajama": [f"/datasets/DKYoon/SlimPajama-6B/resolve/refs%2Fconvert%2Fparquet/default/train/000{i}.parquet"
-                   for i in range(2)],
 }
 EVAL_TOKENS = 2048  # the validation shard: the first documents of file 0, EVAL_TOKENS * 5 characters' worth
 
@@ -43,8 +41,6 @@ def columns(name, docs, rng):
     if name == "cosmopedia-v2":
         return {"prompt": ["Write a textbook chapter"] * n, "text": docs, "token_length": [len(d) // 4 for d in docs],
                 "audience": ["college_students"] * n, "format": ["textbook"] * n, "seed_data": ["stanford"] * n}
-    if name == "slimpajama":
-        return {"text": docs, "meta": [{"redpajama_set_name": "RedPajamaC4"}] * n}
     return {"text": docs}
 
 
@@ -255,11 +251,11 @@ def test_an_unknown_dataset_is_one_line_naming_the_choices(tmp_path, how):
     if how == "env":
         line = one_line_error(run_python("import prepare", env={**env, "AUTORESEARCH_DATASET": "tinystory"}))
         assert line.startswith("error: AUTORESEARCH_DATASET=tinystory: no such dataset; choose one of climbmix, "
-                               "tinystories, fineweb-edu, fineweb-edu-high, cosmopedia-v2, slimpajama or source")
+                               "tinystories, fineweb-edu, fineweb-edu-high, cosmopedia-v2 or source")
     else:
         line = one_line_error(run_prepare("--dataset", "tinystory", env=env))
         assert line == ("error: --dataset tinystory: no such dataset; choose one of climbmix, tinystories, "
-                        "fineweb-edu, fineweb-edu-high, cosmopedia-v2, slimpajama (or --source PATH for text of "
+                        "fineweb-edu, fineweb-edu-high, cosmopedia-v2 (or --source PATH for text of "
                         "your own)")
 
 
