@@ -534,9 +534,11 @@ def build_report(rows, records, verdicts=()):
             values.setdefault(row["commit"], []).append(row["val_bpb"])
     describe = {row["commit"]: row["description"] for row in rows}
     groups = {}
-    for row in rows:  # repeated runs of identical code: the same trainer file where the record says so
+    # repeated runs of identical code (the same trainer file where the record says so) at the night's usual machine
+    # speed: like the verdict's, the report's sigma leaves out the spread that the machine made
+    for row in rows:
         record = matched.get(row["line"])
-        if comparable(row) and (record is None or not record["dirty"]):
+        if comparable(row) and (record is None or (not record["dirty"] and agrees(record, usual))):
             groups.setdefault(record["trainer_sha"] if record else row["commit"], []).append(row["val_bpb"])
     spread = noise(groups.values())
 

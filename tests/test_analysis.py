@@ -543,6 +543,18 @@ def test_the_report_marks_drifted_runs(tmp_path):
     assert "MACHINE DRIFT: 1 run(s)" in out and f"runs.jsonl:4  {IDEA}  30% slower (70.0 vs 100.0 GFLOP/s)" in out
 
 
+def test_the_reports_sigma_leaves_out_drifted_runs(tmp_path):
+    """A CPU night: the baseline ran once more while other programs loaded the machine (80% slower, val_bpb 0.3
+    higher). Its spread is the machine's, not the code's: the report's sigma, like the verdict's, leaves it out."""
+    rows, records = night()
+    records = [{**r, **at(100.0)} for r in records]
+    write(tmp_path, rows + [row(BASE, 1.3, "rerun", "baseline")], records + [rec(BASE, 1.3, **at(20.0))])
+    report = json.loads(cli(tmp_path, "--json")[1])
+    assert report["drifted"][0]["speed"] == 20.0
+    clean = analysis.noise([BASELINE, [0.950, 0.940]])
+    assert report["noise"]["sigma"] == pytest.approx(clean["sigma"]) and report["noise"]["runs"] == clean["runs"]
+
+
 def test_a_plot_that_cannot_be_written_still_prints_the_report(tmp_path):
     write(tmp_path, *night())
     (tmp_path / "progress.png").mkdir()  # savefig cannot write a file there
