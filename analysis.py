@@ -525,20 +525,25 @@ def build_report(rows, records, verdicts=()):
         return row["status"] != "crash" and (record is None or (
             not record.get("swapped") and (reference is None or setup(record) == setup(reference))))
 
-    commits, values, status = [], {}, {}
+    def steady(row):
+        record = matched.get(row["line"])
+        return record is None or agrees(record, usual)
+
+    commits, values, drifted, status = [], {}, {}, {}
     for row in rows:
         if row["commit"] not in status:
             commits.append(row["commit"])
         status[row["commit"]] = row["status"]  # a commit's verdict is its last row's
         if comparable(row):
-            values.setdefault(row["commit"], []).append(row["val_bpb"])
+            (values if steady(row) else drifted).setdefault(row["commit"], []).append(row["val_bpb"])
+    values = {**drifted, **values}  # a commit's runs at the usual machine speed, where it has any
     describe = {row["commit"]: row["description"] for row in rows}
     groups = {}
     # repeated runs of identical code (the same trainer file where the record says so) at the night's usual machine
     # speed: like the verdict's, the report's sigma leaves out the spread that the machine made
     for row in rows:
         record = matched.get(row["line"])
-        if comparable(row) and (record is None or (not record["dirty"] and agrees(record, usual))):
+        if comparable(row) and steady(row) and (record is None or not record["dirty"]):
             groups.setdefault(record["trainer_sha"] if record else row["commit"], []).append(row["val_bpb"])
     spread = noise(groups.values())
 

@@ -553,6 +553,8 @@ def test_the_reports_sigma_leaves_out_drifted_runs(tmp_path):
     assert report["drifted"][0]["speed"] == 20.0
     clean = analysis.noise([BASELINE, [0.950, 0.940]])
     assert report["noise"]["sigma"] == pytest.approx(clean["sigma"]) and report["noise"]["runs"] == clean["runs"]
+    # and the baseline's val_bpb is the mean of its runs at the usual speed
+    assert report["baseline"]["val_bpb"] == pytest.approx(sum(BASELINE) / 3) and report["baseline"]["runs"] == 3
 
 
 def test_a_plot_that_cannot_be_written_still_prints_the_report(tmp_path):
