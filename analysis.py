@@ -177,17 +177,24 @@ def read_runs(path=RUNS):
         return None
     records = []
     for lineno, record in read_jsonl(path):
-        missing = [k for k in RECORD_FIELDS if k not in record]
-        if missing:
-            warn(f"{path}:{lineno}: no {', '.join(missing)} field: not a record written by a trainer: skipped")
-            continue
-        value = record.get("val_bpb")
-        if record["status"] == "ok" and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            record.update(status="fail", error=f"val_bpb {value} (not a finite number)")
-        record["line"] = lineno
-        record["commit"] = (record["commit"] or "")[:7]
-        records.append(record)
+        if checked_record(record, f"{path}:{lineno}") is not None:
+            records.append({**record, "line": lineno})
     return records
+
+
+def checked_record(record, where):
+    """A trainer's record as the verdict reads it (commit shortened to 7 characters; an ok record whose val_bpb is
+    not a finite number, from a trainer older than the check, counts as failed), or None with a warning naming where
+    it is when it lacks a field every trainer writes. hub.py reads the fleet's records through it too."""
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        warn(f"{where}: no {', '.join(missing)} field: not a record written by a trainer: skipped")
+        return None
+    value = record.get("val_bpb")
+    if record["status"] == "ok" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        record.update(status="fail", error=f"val_bpb {value} (not a finite number)")
+    record["commit"] = (record["commit"] or "")[:7]
+    return record
 
 
 def git(*args):
