@@ -15,7 +15,7 @@ when their commit is on the branch). Another night's records, a manual run and a
 
 Runs that count: the night's records of finished runs (status ok) made from a clean commit, that did not swap,
 and that share the setup of HEAD's latest run: the harness fingerprint (the fixed files: prepare.py, analysis.py,
-backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
+hub.py, backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
 knobs. Runs of another setup are never compared: their val_bpb is on another scale.
 
 Machine drift: every record holds the machine's speed as training began and as it ended (backends/calibrate.py, a
@@ -69,7 +69,7 @@ PLOT = "progress.png"
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 RECORD_FIELDS = ("time", "commit", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip", "smoke", "status")
-FIXED_FILES = "prepare.py analysis.py backends pyproject.toml uv.lock"  # backends/record.py's FIXED_FILES
+FIXED_FILES = "prepare.py analysis.py hub.py backends pyproject.toml uv.lock"  # backends/record.py's FIXED_FILES
 
 BASELINE_RUNS = 3   # runs of the baseline before the first idea: the first noise estimate
 MAX_RUNS = 3        # runs of one candidate at most: a gain still inside the noise then is not worth keeping
