@@ -200,7 +200,7 @@ def land(branch, plan, message, agent, also=()):
     plan(tip) returns {path: text} of the files to add, seeing the hub's newest tip (None before the branch exists),
     so it can leave out what is there or refuse. Rejected because another agent landed first: fetch, plan again on
     the new tip, retry after a random pause. also: more refspecs pushed with the first attempt. Returns the files
-    added and {remote ref: (flag, summary)} of also's refs."""
+    added, {remote ref: (flag, summary)} of also's refs, and how many pushes were rejected."""
     tracking, deadline = f"refs/remotes/{HUB}/{branch}", time.monotonic() + PATIENCE_SECONDS
     also_status = {}
     for attempt in itertools.count():
@@ -215,7 +215,7 @@ def land(branch, plan, message, agent, also=()):
         if new is None or status.get(f"refs/heads/{branch}", ("!",))[0] != "!":
             if new:
                 git("update-ref", tracking, new)
-            return files, also_status
+            return files, also_status, attempt
         if time.monotonic() > deadline:
             raise Unreachable(f"the hub's {branch} branch kept moving for {PATIENCE_SECONDS} s")
         time.sleep(random.uniform(0, min(2.0, 0.05 * 2 ** attempt)))  # jittered: concurrent agents spread out
@@ -322,13 +322,14 @@ def publish():
         return {p: text for p, text in files.items() if p not in there}
 
     try:
-        added, status = land(RESULTS, plan, f"{agent}: runs of {tag}", agent,
-                             also=[f"{kept_full}:{night_ref}"] if kept_full else [])
+        added, status, rejected = land(RESULTS, plan, f"{agent}: runs of {tag}", agent,
+                                       also=[f"{kept_full}:{night_ref}"] if kept_full else [])
     except Unreachable as e:
         print(f"hub unreachable ({e}): nothing published; the local loop goes on, and the next publish sends all "
               f"that is missing")
         return
-    print(f"published {len(added)} run(s) of {tag} as {agent} ({len(files) - len(added)} already on the hub)"
+    busy = f"; {rejected} push(es) rejected while other agents landed first" if rejected else ""
+    print(f"published {len(added)} run(s) of {tag} as {agent} ({len(files) - len(added)} already on the hub{busy})"
           if added else f"nothing new to publish: the hub has all {len(files)} run(s) of {tag} from {agent}")
     flag, summary = status.get(night_ref, (None, None))
     if flag == "!":
@@ -574,7 +575,7 @@ def claim(idea, kind):
         return {f"claims/{name}/{now:%Y%m%dT%H%M%S%fZ}-{agent}-{kind}.json": json.dumps(event, sort_keys=True) + "\n"}
 
     try:
-        added, _ = land(CLAIMS, plan, f"{agent}: {kind} {name}", agent)
+        added, _, _ = land(CLAIMS, plan, f"{agent}: {kind} {name}", agent)
     except Unreachable as e:
         raise InputError(f"hub unreachable ({e}): nothing {kind}ed") from None
     if kind == "release":

@@ -19,6 +19,7 @@ import hub
 import prepare
 from backends import record
 from conftest import ROOT, python_env
+from test_docs import PROGRAM, README, doc_commands, fenced_blocks, read, section
 
 HUB_PY = os.path.join(ROOT, "hub.py")
 ANALYSIS = os.path.join(ROOT, "analysis.py")
@@ -243,7 +244,8 @@ def test_ten_agents_publishing_at_once_all_land(fleet):
     outs = [proc.communicate(timeout=300) for proc in procs]
     print(f"10 concurrent publishes: {time.perf_counter() - started:.1f} s")
     assert [proc.returncode for proc in procs] == [0] * 10, outs
-    assert all(out.startswith("published 2 run(s)") for out, _ in outs), outs
+    assert all(re.match(r"published 2 run\(s\) of night as agent-\d \(0 already on the hub(; \d+ push\(es\) rejected "
+                        r"while other agents landed first)?\)\n", out) for out, _ in outs), outs
     assert len(hub_files(fleet.hub)) == 20
     assert {path.split("/")[1] for path in hub_files(fleet.hub)} == {a.name for a in agents}
     history = hub_git(fleet.hub, "rev-list", "--first-parent", "results").split()
@@ -427,3 +429,73 @@ def test_an_agent_that_tries_to_overwrite_another_agents_record_is_refused(fleet
     forced = push_raw(impostor, {"runs/impostor/x.json": "{}"}, force=True)
     assert forced.returncode != 0 and "denying non-fast-forward" in forced.stderr
     assert hub_files(fleet.hub) == sorted(before)
+
+# ---------------------------------------------------------------------------
+# The docs' commands, run as written
+# ---------------------------------------------------------------------------
+
+def as_run(command, **names):
+    """A command of the docs as a test runs it: this Python for `uv run`, <placeholders> filled in."""
+    command = re.sub(r"<(\w+)>", lambda m: names[m.group(1)], command)
+    return command.replace("uv run ", f"{sys.executable} {ROOT}/", 1)
+
+
+def test_the_readmes_fleet_setup_makes_a_hub_that_refuses_rewrites(tmp_path, recording):
+    (setup, _), (board, _) = [(body, lang) for lang, body in fenced_blocks(section(read(README), "The fleet: many "
+                                                                                                  "agents, one hub"))]
+    lines = setup.splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("git remote add hub ")
+    shared = str(tmp_path / "shared" / "fleet.git")
+    alpha = Agent(tmp_path, "alpha", None, recording)
+    for command in lines:
+        result = subprocess.run(["bash", "-c", command.replace("/Volumes/shared/fleet.git", shared)], cwd=alpha.dir,
+                                env=alpha.env, capture_output=True, text=True)
+        assert result.returncode == 0, (command, result.stderr)
+    alpha.baseline()
+    assert alpha.hub("publish").stdout.startswith("published 3 run(s)")
+    result = subprocess.run(["bash", "-c", as_run(board)], cwd=alpha.dir, env=alpha.env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "1 agent(s) (alpha), 3 runs of 1 commits" in result.stdout, result.stderr
+    forced = push_raw(alpha, {"x.json": "{}"}, force=True)
+    assert forced.returncode != 0 and "denying non-fast-forward" in forced.stderr
+    deleted = subprocess.run(["git", "push", "hub", ":refs/heads/results"], cwd=alpha.dir, env=alpha.env,
+                             capture_output=True, text=True)
+    assert deleted.returncode != 0 and "deletion prohibited" in deleted.stderr
+
+
+def test_program_mds_fleet_commands_in_a_night_of_two_agents(fleet):
+    """The fleet section's commands in program.md's order: publish after a verdict, board and claim before an idea,
+    release after its verdict, try another setup's best."""
+    text = section(read(PROGRAM), "The fleet")
+    commands = doc_commands(PROGRAM)
+    fleet_commands = {c.split()[3]: c for c in commands if c.startswith("uv run hub.py") and c in text}
+    assert set(fleet_commands.values()) == {"uv run hub.py publish", "uv run hub.py board", 'uv run hub.py claim '
+                                            '"<idea>"', 'uv run hub.py release "<idea>"', "uv run hub.py try <agent>/<tag>"}
+    publish, board, claim, release, tried = (fleet_commands[verb] for verb in ("publish", "board", "claim", "release",
+                                                                               "try"))
+    alpha, beta = fleet("alpha", chip="Test CPU A"), fleet("beta", chip="Test CPU B")
+    do = lambda who, command, **names: subprocess.run(["bash", "-c", as_run(command, **names)], cwd=who.dir,
+                                                      env=who.env, capture_output=True, text=True)
+    for agent in (alpha, beta):
+        agent.baseline()
+        assert do(agent, publish).returncode == 0
+    assert "2 agent(s) (alpha, beta), 6 runs of 2 commits" in do(alpha, board).stdout
+    assert do(alpha, claim, idea="twice the steps").returncode == 0
+    assert do(beta, claim, idea="twice the steps").returncode == 1  # beta must choose another idea
+    alpha.idea("twice the steps", "TOTAL = 2**15", [0.9])
+    assert do(alpha, publish).returncode == 0
+    assert do(alpha, release, idea="twice the steps").stdout == "released 'twice the steps'\n"
+    assert "twice the steps" in do(beta, board).stdout.split("RECENT IDEAS")[1]
+    assert do(beta, tried, agent="alpha", tag="night").returncode == 0
+    assert beta.git("log", "-1", "--format=%s").startswith("try alpha/night ")
+
+
+@pytest.mark.slow
+def test_bench_hub_runs(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_hub.py"), "--agents", "3",
+                             "--runs", "2", "--concurrent", "2"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    title, header, *rows = result.stdout.splitlines()
+    assert header.split()[:3] == ["files", "board", "fresh"] and len(rows) == 2  # 1 and 2 runs per agent
+    assert [int(row.split()[0]) for row in rows] == [3, 6]
