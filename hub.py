@@ -13,14 +13,17 @@ Usage:
 What lives on the hub
 ---------------------
     refs/heads/agents/<agent>/<tag>   each agent's night (autoresearch/<tag>) up to its last kept commit
-    refs/heads/results                runs/<agent>/<run id>.json: one file per run, with its record (runs.jsonl),
-                                      its results.tsv row and its verdict (verdicts.jsonl)
+    refs/heads/results/<agent>        the agent's runs, runs/<agent>/<run id>.json: one file per run, with its
+                                      record (runs.jsonl), its results.tsv row and its verdict (verdicts.jsonl)
     refs/heads/claims                 claims/<idea>/<time>-<agent>-claim.json and ...-release.json
 Every write adds: a new commit on top of the hub's tip holding the tip's files plus new ones, pushed without
-force. A file that is there is never changed or removed, so agents cannot conflict: when another agent landed
-first the push is rejected, and hub.py fetches, builds again on the new tip and retries after a random pause.
-publish writes only agents/<its own name>/..., new files under runs/<its own name>/ and its own claims. A hub
-can also refuse rewrites itself: `git config receive.denyNonFastForwards true` and `receive.denyDeletes true`.
+force. A file that is there is never changed or removed. When another writer landed first the push is rejected,
+and hub.py fetches, builds again on the new tip and retries after a random pause. Only claims are shared by all
+agents; each agent's runs have a branch of their own, which nobody else writes: with one results branch for all,
+every publish of a fleet waited for every other (benchmarks/bench_hub.py: 20 agents publishing at once on one
+core took 107 s each, and the hub rejected 172 pushes, at only 100 files). publish writes only
+agents/<its own name>/..., results/<its own name> and its own claims. A hub can also refuse rewrites itself:
+`git config receive.denyNonFastForwards true` and `receive.denyDeletes true`.
 
 Nothing fetched from the hub is executed: files are parsed as JSON, and a malformed one is skipped with one
 warning. Another agent's code enters this branch only through `try`, by this agent's decision, and runs only when
@@ -56,7 +59,7 @@ import backends
 from analysis import InputError, warn
 
 HUB = "hub"               # the remote's name
-RESULTS = "results"       # the hub's branch of run files
+RESULTS = "results"       # the hub's branches of run files: results/<agent>
 CLAIMS = "claims"         # the hub's branch of claims
 AGENT_ENV = "AUTORESEARCH_AGENT"
 AGENT = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?")  # a folder and a ref component anywhere
@@ -174,6 +177,29 @@ def read_files(ref, folder):
             for path, data in zip(files, cat(list(files.values())))]
 
 
+def fleet_runs():
+    """[(path, text)] of every agent's runs: runs/<agent>/ of each results/<agent> branch fetched from the hub (a
+    branch's files elsewhere are not the agent's to write, and are not read). Three git processes however many
+    agents: the folders are read as tree objects (a name and a hash per entry) in one batch, their files in another."""
+    prefix = f"refs/remotes/{HUB}/{RESULTS}/"
+    agents, width = [], None
+    for line in must("for-each-ref", "--format=%(objectname) %(refname)", prefix).splitlines():
+        commit, ref = line.split(" ", 1)
+        width = len(commit) // 2  # bytes of a hash: 20 (SHA-1) or 32 (SHA-256)
+        if AGENT.fullmatch(ref[len(prefix):]):
+            agents.append(ref[len(prefix):])
+    paths, blobs = [], []
+    for agent, tree in zip(agents, cat([f"{prefix}{a}:runs/{a}" for a in agents])):
+        at = 0
+        while tree and at < len(tree):  # entries: b"<mode> <name>\0" and the hash's raw bytes
+            nul = tree.index(b"\0", at)
+            paths.append(f"runs/{agent}/{tree[tree.index(b' ', at) + 1:nul].decode('utf-8', 'replace')}")
+            blobs.append(tree[nul + 1:nul + 1 + width].hex())
+            at = nul + 1 + width
+    return [(path, None if data is None else data.decode("utf-8", "replace"))
+            for path, data in zip(paths, cat(blobs))]
+
+
 def commit_files(tip, files, message, agent):
     """A commit on top of tip (None: the first one) whose tree is tip's plus files ({path: text}), built in a
     temporary index: the work tree, the index and the checked-out branch are not touched."""
@@ -187,6 +213,10 @@ def commit_files(tip, files, message, agent):
         index = {"GIT_INDEX_FILE": os.path.join(folder, "index")}
         if tip:
             must("read-tree", tip, env=index)
+            there = must("ls-files", "--", *files, env=index).split()
+            if there:  # plans leave out what is there; this is the rule itself, whatever a plan does
+                raise InputError(f"refused: {', '.join(there[:3])} is on the hub already, and a file there is never "
+                                 f"changed")
         must("update-index", "--add", "--index-info", env=index,
              input="".join(f"100644 {blob}\t{path}\n" for blob, path in zip(blobs, files)))
         tree = must("write-tree", env=index).strip()
@@ -322,7 +352,7 @@ def publish():
         return {p: text for p, text in files.items() if p not in there}
 
     try:
-        added, status, rejected = land(RESULTS, plan, f"{agent}: runs of {tag}", agent,
+        added, status, rejected = land(f"{RESULTS}/{agent}", plan, f"{agent}: runs of {tag}", agent,
                                        also=[f"{kept_full}:{night_ref}"] if kept_full else [])
     except Unreachable as e:
         print(f"hub unreachable ({e}): nothing published; the local loop goes on, and the next publish sends all "
@@ -533,11 +563,10 @@ def show_board(as_json, recent):
     _, url = repository()
     hub_or_error(url, "no fleet to show")
     try:
-        fetch(RESULTS, CLAIMS)
+        fetch(f"{RESULTS}/", CLAIMS)
     except Unreachable as e:
         raise InputError(f"hub unreachable: {e}") from None
-    entries = [e for e in (parse_run(p, t) for p, t in read_files(rev(f"refs/remotes/{HUB}/{RESULTS}"), "runs/"))
-               if e is not None]
+    entries = [e for e in (parse_run(p, t) for p, t in fleet_runs()) if e is not None]
     events = [e for e in (parse_event(p, t) for p, t in read_files(rev(f"refs/remotes/{HUB}/{CLAIMS}"), "claims/"))
               if e is not None]
     board = fleet(entries, events, datetime.datetime.now(datetime.timezone.utc), recent)

@@ -140,8 +140,10 @@ def hub_git(path, *args):
     return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True).stdout
 
 
-def hub_files(path, branch="results"):
-    return sorted(hub_git(path, "ls-tree", "-r", "--name-only", branch).split())
+def hub_files(path, branch="results/*"):
+    """The files of the hub's branches that match branch (every agent's results by default)."""
+    refs = hub_git(path, "for-each-ref", "--format=%(refname)", f"refs/heads/{branch}").split()
+    return sorted(f for ref in refs for f in hub_git(path, "ls-tree", "-r", "--name-only", ref).split())
 
 
 def one_line_error(result, text):
@@ -172,18 +174,18 @@ def test_publish_sends_the_nights_runs_and_kept_branch_once_and_the_board_shows_
     ids = [json.loads(line)["id"] for line in (alpha.dir / "runs.jsonl").read_text().splitlines()]
     assert hub_files(fleet.hub) == sorted(f"runs/alpha/{i}.json" for i in ids[:5])
     assert hub_git(fleet.hub, "rev-parse", "agents/alpha/night").strip() == kept  # the discarded commit is not there
-    entry = json.loads(hub_git(fleet.hub, "show", f"results:runs/alpha/{ids[3]}.json"))
+    entry = json.loads(hub_git(fleet.hub, "show", f"results/alpha:runs/alpha/{ids[3]}.json"))
     assert entry["record"] == {**json.loads((alpha.dir / "runs.jsonl").read_text().splitlines()[3])}
     assert entry["row"] == {"commit": kept[:7], "val_bpb": 0.9, "memory_gb": 0.3, "status": "keep",
                             "description": "twice the steps", "line": 5}  # line: the order of the night
     assert entry["verdict"]["word"] == "keep" and entry["verdict"]["run"] == ids[3] and entry["tried"] is None
     assert alpha.git("status", "--porcelain") == "" and alpha.git("show-ref", "--heads") == branches  # untouched
 
-    results_tip = hub_git(fleet.hub, "rev-parse", "results")
+    results_tip = hub_git(fleet.hub, "rev-parse", "results/alpha")
     again = alpha.hub("publish")
     assert again.returncode == 0 and again.stdout.splitlines()[0] == (
         "nothing new to publish: the hub has all 5 run(s) of night from alpha")
-    assert hub_git(fleet.hub, "rev-parse", "results") == results_tip  # idempotent: no new commit
+    assert hub_git(fleet.hub, "rev-parse", "results/alpha") == results_tip  # idempotent: no new commit
 
     board = alpha.hub("board")
     assert board.returncode == 0, board.stderr
@@ -248,8 +250,8 @@ def test_ten_agents_publishing_at_once_all_land(fleet):
                         r"while other agents landed first)?\)\n", out) for out, _ in outs), outs
     assert len(hub_files(fleet.hub)) == 20
     assert {path.split("/")[1] for path in hub_files(fleet.hub)} == {a.name for a in agents}
-    history = hub_git(fleet.hub, "rev-list", "--first-parent", "results").split()
-    assert len(history) == 10  # one commit each, every one on top of the one before: nothing was forced away
+    for agent in agents:  # one commit each, on a branch of its own that nobody else writes
+        assert hub_git(fleet.hub, "rev-list", "--count", f"results/{agent.name}").strip() == "1"
 
 
 def test_a_hub_that_disappears_mid_night_then_returns_gets_everything_missing(fleet):
@@ -367,7 +369,7 @@ def test_try_refuses_what_it_cannot_apply_cleanly(fleet):
 # What another agent wrote: bad files, and attempts to overwrite
 # ---------------------------------------------------------------------------
 
-def push_raw(agent, files, branch="results", force=False):
+def push_raw(agent, files, branch, force=False):
     """What a broken or hostile client could push: a commit on top of the hub's branch (or, forced, in its place)
     that adds the given files."""
     env = {**agent.env, "GIT_INDEX_FILE": str(agent.dir / ".git" / "raw.index")}
@@ -388,12 +390,13 @@ def test_a_malformed_file_on_the_hub_is_skipped_with_one_warning(fleet):
     alpha, mallory = fleet("alpha"), fleet("mallory")
     alpha.baseline()
     assert alpha.hub("publish").returncode == 0
-    good = json.loads(hub_git(fleet.hub, "show", f"results:{hub_files(fleet.hub)[0]}"))
+    good = json.loads(hub_git(fleet.hub, "show", f"results/alpha:{hub_files(fleet.hub)[0]}"))
     assert push_raw(mallory, {"runs/mallory/torn.json": '{"agent": "mallory", "rec',
                               "runs/mallory/typed.json": json.dumps({**good, "agent": "mallory",
                                                                      "record": {**good["record"], "smoke": 5}}),
-                              "runs/mallory/nofields.json": json.dumps({**good, "agent": "mallory", "record": {}})}
-                    ).returncode == 0
+                              "runs/mallory/nofields.json": json.dumps({**good, "agent": "mallory", "record": {}}),
+                              "runs/alpha/forged.json": json.dumps(good)},  # not mallory's folder: never read
+                    branch="results/mallory").returncode == 0
     assert push_raw(mallory, {"claims/x/bad.json": "[]"}, branch="claims").returncode == 0
     board = alpha.hub("board")
     assert board.returncode == 0, board.stderr
@@ -412,7 +415,7 @@ def test_an_agent_that_tries_to_overwrite_another_agents_record_is_refused(fleet
     alpha, impostor = fleet("alpha"), fleet("impostor")
     alpha.baseline()
     assert alpha.hub("publish").returncode == 0
-    before = {path: hub_git(fleet.hub, "show", f"results:{path}") for path in hub_files(fleet.hub)}
+    before = {path: hub_git(fleet.hub, "show", f"results/alpha:{path}") for path in hub_files(fleet.hub)}
     # the impostor holds alpha's records with one val_bpb changed, and publishes them under alpha's name
     records = [json.loads(line) for line in (alpha.dir / "runs.jsonl").read_text().splitlines()]
     records[0]["val_bpb"] = 0.5
@@ -424,9 +427,15 @@ def test_an_agent_that_tries_to_overwrite_another_agents_record_is_refused(fleet
     assert result.stdout.startswith("nothing new to publish: the hub has all 3 run(s)")
     assert result.stderr == (f"warning: 1 run(s) are on the hub with other content (runs/alpha/{records[0]['id']}"
                              f".json): left as they are, a file on the hub is never changed\n")
-    assert {path: hub_git(fleet.hub, "show", f"results:{path}") for path in hub_files(fleet.hub)} == before
+    assert {path: hub_git(fleet.hub, "show", f"results/alpha:{path}") for path in hub_files(fleet.hub)} == before
+    # and below publish's plan, the commit itself refuses a path that is there
+    impostor.git("fetch", "-q", "hub", "results/alpha:refs/remotes/hub/results/alpha")
+    impostor.monkeypatch.chdir(impostor.dir)
+    path = f"runs/alpha/{records[0]['id']}.json"
+    with pytest.raises(SystemExit, match=f"error: refused: {path} is on the hub already"):
+        hub.commit_files(impostor.git("rev-parse", "refs/remotes/hub/results/alpha"), {path: "{}"}, "x", "alpha")
     # around hub.py, the hub itself refuses a rewrite: a forced push of a results branch without alpha's files
-    forced = push_raw(impostor, {"runs/impostor/x.json": "{}"}, force=True)
+    forced = push_raw(impostor, {"runs/impostor/x.json": "{}"}, branch="results/alpha", force=True)
     assert forced.returncode != 0 and "denying non-fast-forward" in forced.stderr
     assert hub_files(fleet.hub) == sorted(before)
 
@@ -456,9 +465,9 @@ def test_the_readmes_fleet_setup_makes_a_hub_that_refuses_rewrites(tmp_path, rec
     result = subprocess.run(["bash", "-c", as_run(board)], cwd=alpha.dir, env=alpha.env, capture_output=True,
                             text=True)
     assert result.returncode == 0 and "1 agent(s) (alpha), 3 runs of 1 commits" in result.stdout, result.stderr
-    forced = push_raw(alpha, {"x.json": "{}"}, force=True)
+    forced = push_raw(alpha, {"x.json": "{}"}, branch="results/alpha", force=True)
     assert forced.returncode != 0 and "denying non-fast-forward" in forced.stderr
-    deleted = subprocess.run(["git", "push", "hub", ":refs/heads/results"], cwd=alpha.dir, env=alpha.env,
+    deleted = subprocess.run(["git", "push", "hub", ":refs/heads/results/alpha"], cwd=alpha.dir, env=alpha.env,
                              capture_output=True, text=True)
     assert deleted.returncode != 0 and "deletion prohibited" in deleted.stderr
 
