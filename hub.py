@@ -44,13 +44,11 @@ import datetime
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-import analysis
 import backends
 import hub
 import prepare
