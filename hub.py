@@ -66,6 +66,9 @@ TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}")
 CLAIM_HOURS = 4           # a claim ends by itself after this: an agent that died does not hold its idea forever
 RECENT = 30               # ideas the board lists, newest first
 BEST = 5                  # kept commits the board lists per setup
+# A smaller sigma is runs that agreed to val_bpb's last recorded digit (short CPU smoke runs do): a gain in units of
+# it means nothing, and the board shows none
+SIGMA_FLOOR = 5e-7
 TRIED_FROM = "Tried-from"  # the line of a `try` commit's message that names the original
 NETWORK_SECONDS = 120     # one fetch or push; past it the hub counts as unreachable
 PATIENCE_SECONDS = 120    # retries of a rejected push before giving up (nothing is lost: publish again later)
@@ -479,7 +482,7 @@ def fleet(entries, events, now, recent=RECENT):
         base, sigma = stats[s]["baseline"], stats[s]["noise"]["sigma"]
         gain = None if base is None else base - analysis.mean(values)
         return {"setup": number[s], "val_bpb": analysis.mean(values), "runs": len(values), "gain": gain,
-                "sigmas": gain / sigma if gain is not None and sigma else None}
+                "sigmas": gain / sigma if gain is not None and sigma and sigma >= SIGMA_FLOOR else None}
 
     def describe(key):
         runs = commits[key]

@@ -507,3 +507,16 @@ def test_bench_hub_runs(tmp_path):
     title, header, *rows = result.stdout.splitlines()
     assert header.split()[:3] == ["files", "board", "fresh"] and len(rows) == 2  # 1 and 2 runs per agent
     assert [int(row.split()[0]) for row in rows] == [3, 6]
+
+
+def test_a_setup_whose_runs_agree_exactly_gives_no_gain_in_sigmas(fleet):
+    """Short CPU smoke runs can repeat val_bpb to the last digit: sigma is then 0 (or a rounding error of it), and a
+    gain in units of it means nothing."""
+    alpha = fleet("alpha")
+    alpha.baseline((3.157253, 3.157253, 3.157253))  # a CPU fleet's real baseline: its pooled sigma is 5.4e-16
+    assert alpha.idea("twice the steps", "TOTAL = 2**15", [3.057253]) == "keep"  # the bar is MIN_GAIN
+    assert alpha.hub("publish").returncode == 0
+    (setup,) = json.loads(alpha.hub("board", "--json").stdout)["setups"]
+    assert setup["sigma"] < 1e-9 and setup["best"][0]["gain"] == pytest.approx(0.1)
+    assert setup["best"][0]["sigmas"] is None
+    assert alpha.hub("board").stdout.count(" - ") >= 1
