@@ -60,6 +60,7 @@ SUMMARY = (
     ("harness", "s"),
     ("data", "s"),
     ("machine_speed", ".1f"),  # GFLOP/s of backends/calibrate.py's matmul: the mean of the readings around training
+    ("mode", "s"),  # `time 300s`, or `steps 200` in fixed-work mode (AUTORESEARCH_STEPS)
 )
 
 
@@ -150,6 +151,8 @@ class Run:
             "backend": backend,
             "chip": hw["chip"],
             "smoke": prepare.SMOKE_KNOBS,
+            "mode": prepare.TRAINING_MODE,
+            "fixed_steps": prepare.FIXED_STEPS,  # 0: timed
         }
         if changes:
             self.record["uncommitted"] = changes[:20]
@@ -213,7 +216,7 @@ class Run:
                       num_steps=num_steps, num_params_M=num_params_M, depth=depth, backend=self.record["backend"],
                       chip=self.record["chip"], startup_seconds=total_seconds - training_seconds - eval_seconds,
                       eval_seconds=eval_seconds, harness=self.record["harness"], data=self.record["data"],
-                      machine_speed=machine["machine_speed"])
+                      machine_speed=machine["machine_speed"], mode=self.record["mode"])
         # what the summary prints is what the record holds: each value rounded as printed, "-" for None
         printed = {key: "-" if values[key] is None else format(values[key], fmt) for key, fmt in SUMMARY}
         values = {key: None if values[key] is None else printed[key] if fmt == "s" else
