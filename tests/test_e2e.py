@@ -18,9 +18,9 @@ from conftest import ROOT, SMOKE_ENV, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
-                "data", "machine_speed"]
+                "data", "machine_speed", "mode"]
 RECORD_KEYS = {"id", "time", "commit", "branch", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip",
-               "smoke", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
+               "smoke", "fixed_steps", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
                "machine_speeds", "loadavg", *SUMMARY_KEYS}
 FRAMEWORK = {"train.py": "torch", "train_mlx.py": "mlx"}  # what each trainer imports
 
@@ -81,6 +81,7 @@ def check_summary(log_path, backend, untrained):
     assert float(values["training_seconds"]) >= float(SMOKE_ENV["AUTORESEARCH_TIME_BUDGET"])
     assert float(values["peak_vram_mb"]) > 0
     assert values["backend"] == backend
+    assert values["mode"] == f"time {SMOKE_ENV['AUTORESEARCH_TIME_BUDGET']}s"
     assert any(w.startswith("smoke test") and "not comparable" in w for w in warnings)  # never a real result
     assert values["harness"] == record.harness_fingerprint()
     for key in ("total_seconds", "startup_seconds", "eval_seconds", "mfu_percent", "total_tokens_M", "num_params_M"):
@@ -99,7 +100,7 @@ def check_summary(log_path, backend, untrained):
         assert rec[key] == (value if isinstance(rec[key], str) else float(value)), key
     assert rec["trainer"] == ("train_mlx.py" if backend == "mlx" else "train.py")
     assert rec["trainer_sha"] == record.fingerprint([rec["trainer"]], ROOT)
-    assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()]
+    assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()] and rec["fixed_steps"] == 0
     assert rec["tokens_per_sec"] > 0 and rec["swapped"] is (rec["swap_mb"] is not None and rec["swap_mb"] >= record.SWAP_WARN_MB)
 
 
@@ -245,6 +246,30 @@ def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache,
             mismatched = ~np.isclose(got, expected, rtol=1e-4, atol=1e-6)
             assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())
 
+def test_train_mlx_compiles_its_step_and_traces_it_once(prepared_cache, tmp_path):
+    """The training step's two functions run their Python code only while mx.compile traces them: once for the
+    whole run, not once per step (a retrace per step costs a compilation every step, and no compile at all costs
+    MLX's fusion). Counted by a side effect put into each, over 5 fixed-work steps of 2 micro-batches."""
+    need("mlx")
+    text = open(os.path.join(ROOT, "train_mlx.py")).read()
+    line = lambda start: next(l for l in text.splitlines() if l.strip().startswith(start))
+    after = lambda anchor, code, deeper=0: (anchor + "\n" + " " * (len(anchor) - len(anchor.lstrip()) + deeper)
+                                            + code)
+    path = edited_copy(tmp_path, "train_mlx.py",
+                       (line("DEPTH = "), "DEPTH = 1\nMAX_SEQ_LEN = 128\nTRACES = []"),
+                       (line("DEVICE_BATCH_SIZE = "), "DEVICE_BATCH_SIZE = 2"),
+                       (line("TOTAL_BATCH_SIZE = "), "TOTAL_BATCH_SIZE = 2 * 2 * 128"),
+                       ('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)'),
+                       (line("def grad_step("), after(line("def grad_step("), "TRACES.append('grad_step')", 4)),
+                       (line("def optimizer_step("), after(line("def optimizer_step("),
+                                                           "TRACES.append('optimizer_step')", 4)),
+                       (line("print()  # newline after"), after(line("print()  # newline after"),
+                                                                "print('traces:', TRACES); sys.exit(0)")))
+    returncode, _, log = run_script(path, str(tmp_path), env={"AUTORESEARCH_STEPS": "5"})
+    assert returncode == 0, log[-3000:]
+    assert "Gradient accumulation steps: 2" in log and "\rstep 00004 (80.0%)" in log
+    assert "traces: ['grad_step', 'optimizer_step']" in log, log[-2000:]
+
 # ---------------------------------------------------------------------------
 # A night on a loaded machine: the machine's speed, not the code, must not decide
 # ---------------------------------------------------------------------------
@@ -306,3 +331,48 @@ def test_a_baseline_run_under_load_then_a_do_nothing_commit_alone_is_not_kept(pr
     # this one)
     assert word == "rerun" and any(f"slower during the last kept commit {baseline}'s runs" in line or
                                    "the machine's speed changed" in line for line in lines), result.stdout
+
+# ---------------------------------------------------------------------------
+# Fixed-work mode: the same steps on any machine, whatever else the machine is doing
+# ---------------------------------------------------------------------------
+
+FIXED_WORK_STEPS = 3  # progress 0, 1/3, 2/3: the warmdown's first steps too
+
+
+def fixed_work_run(script, folder, load=0):
+    """A run of `script` with AUTORESEARCH_STEPS, while `load` busy loops compete for the CPU: its summary."""
+    folder.mkdir()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        returncode, log_path, log = run_script(os.path.join(ROOT, script), str(folder), env={
+            "AUTORESEARCH_STEPS": str(FIXED_WORK_STEPS), "AUTORESEARCH_EVAL_TOKENS": SMOKE_ENV["AUTORESEARCH_EVAL_TOKENS"],
+            "AUTORESEARCH_BACKEND": "cpu"})
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert returncode == 0, log[-3000:]
+    assert f"Fixed work: {FIXED_WORK_STEPS} steps" in log
+    (rec,) = run_records(log_path)
+    return dict(summary(log_path)), rec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_fixed_work_runs_n_steps_and_repeats_its_val_bpb_on_a_loaded_machine(prepared_cache, tmp_path, script):
+    """AUTORESEARCH_STEPS=N: exactly N optimizer steps on step / N, so the same code gives the same val_bpb on a
+    quiet CPU and on one where another program takes a core each (the clock decides nothing). The summary and the
+    record say which mode ran; it is no smoke test (only the evaluation knob is named)."""
+    need(FRAMEWORK[script])
+    if script == "train_mlx.py":
+        mx = need("mlx.core")
+        if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            pytest.skip("MLX trains on its GPU here: the determinism promised is the CPU's")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux, macOS
+    quiet, quiet_rec = fixed_work_run(script, tmp_path / "quiet")
+    loaded, loaded_rec = fixed_work_run(script, tmp_path / "loaded", load=cores)
+    assert quiet["val_bpb"] == loaded["val_bpb"], (quiet["val_bpb"], loaded["val_bpb"])
+    for values, rec in ((quiet, quiet_rec), (loaded, loaded_rec)):
+        assert values["num_steps"] == str(FIXED_WORK_STEPS) and values["mode"] == f"steps {FIXED_WORK_STEPS}"
+        assert (rec["mode"], rec["fixed_steps"]) == (values["mode"], FIXED_WORK_STEPS)
+        assert rec["smoke"] == [f"AUTORESEARCH_EVAL_TOKENS={SMOKE_ENV['AUTORESEARCH_EVAL_TOKENS']}"]
