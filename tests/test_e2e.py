@@ -14,7 +14,7 @@ import pytest
 
 import backends
 from backends import record
-from conftest import ROOT, SMOKE_ENV, need, run_script
+from conftest import MLX_ON_CPU, ROOT, SMOKE_ENV, after_line, edited_copy, model_size, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
@@ -132,17 +132,6 @@ def test_train_mlx_cpu_tier_peaks_below_300_mb(mlx_run):
     assert float(dict(summary(log_path))["peak_vram_mb"]) <= 300
 
 
-def edited_copy(tmp_path, script, *edits):
-    """A copy of a training script with lines edited, as the agent edits it."""
-    text = open(os.path.join(ROOT, script)).read()
-    for old, new in edits:
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / script
-    path.write_text(text)
-    return str(path)
-
-
 @pytest.mark.parametrize("script,edits", [
     ("train.py", []),
     ("train_mlx.py", [("COMPILE = True", "COMPILE = False")]),  # no compile: the crash comes within two steps
@@ -208,18 +197,13 @@ def first_step(tmp_path, script, rows, micro_batches, seq_len=128):
     """Parameters and optimizer state after the first optimizer step of a 1-layer model (its weights perturbed)
     whose steps take `micro_batches` micro-batches of `rows` rows each. The dataloader packs rows one after another,
     so every split of the same number of rows trains on the same tokens."""
-    text = open(os.path.join(ROOT, script)).read()
-    line = lambda start: next(l for l in text.splitlines() if l.strip().startswith(start))
-    indented = lambda anchor, code: anchor + "\n" + anchor[:len(anchor) - len(anchor.lstrip())] + code
     edits = [
-        (line("DEPTH = "), f"DEPTH = 1\nMAX_SEQ_LEN = {seq_len}"),
-        (line("DEVICE_BATCH_SIZE = "), f"DEVICE_BATCH_SIZE = {rows}"),
-        (line("TOTAL_BATCH_SIZE = "), f"TOTAL_BATCH_SIZE = {rows * micro_batches * seq_len}"),
-        (line("model.init_weights("), indented(line("model.init_weights("), PERTURB_AFTER_INIT[script])),
-        (line("train_loss_f = "), indented(line("train_loss_f = "), "; ".join(DUMP_AFTER_FIRST_STEP[script]))),
+        *model_size(script, 1, rows, micro_batches, seq_len),
+        after_line(script, "model.init_weights(", PERTURB_AFTER_INIT[script]),
+        after_line(script, "train_loss_f = ", "; ".join(DUMP_AFTER_FIRST_STEP[script])),
     ]
     if script == "train_mlx.py":  # float32 on MLX's CPU, also on a Mac with a GPU
-        edits.append(('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)'))
+        edits.append(MLX_ON_CPU)
     folder = tmp_path / f"{rows}x{micro_batches}"
     folder.mkdir()
     path = edited_copy(folder, script, *edits)
@@ -246,25 +230,18 @@ def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache,
             mismatched = ~np.isclose(got, expected, rtol=1e-4, atol=1e-6)
             assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())
 
+
 def test_train_mlx_compiles_its_step_and_traces_it_once(prepared_cache, tmp_path):
     """The training step's two functions run their Python code only while mx.compile traces them: once for the
     whole run, not once per step (a retrace per step costs a compilation every step, and no compile at all costs
     MLX's fusion). Counted by a side effect put into each, over 5 fixed-work steps of 2 micro-batches."""
     need("mlx")
-    text = open(os.path.join(ROOT, "train_mlx.py")).read()
-    line = lambda start: next(l for l in text.splitlines() if l.strip().startswith(start))
-    after = lambda anchor, code, deeper=0: (anchor + "\n" + " " * (len(anchor) - len(anchor.lstrip()) + deeper)
-                                            + code)
-    path = edited_copy(tmp_path, "train_mlx.py",
-                       (line("DEPTH = "), "DEPTH = 1\nMAX_SEQ_LEN = 128\nTRACES = []"),
-                       (line("DEVICE_BATCH_SIZE = "), "DEVICE_BATCH_SIZE = 2"),
-                       (line("TOTAL_BATCH_SIZE = "), "TOTAL_BATCH_SIZE = 2 * 2 * 128"),
-                       ('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)'),
-                       (line("def grad_step("), after(line("def grad_step("), "TRACES.append('grad_step')", 4)),
-                       (line("def optimizer_step("), after(line("def optimizer_step("),
-                                                           "TRACES.append('optimizer_step')", 4)),
-                       (line("print()  # newline after"), after(line("print()  # newline after"),
-                                                                "print('traces:', TRACES); sys.exit(0)")))
+    script = "train_mlx.py"
+    path = edited_copy(tmp_path, script, *model_size(script, 1, 2, 2, 128), MLX_ON_CPU,
+                       after_line(script, "COMPILE = ", "TRACES = []"),
+                       after_line(script, "def grad_step(", "TRACES.append('grad_step')", 4),
+                       after_line(script, "def optimizer_step(", "TRACES.append('optimizer_step')", 4),
+                       after_line(script, "print()  # newline after", "print('traces:', TRACES); sys.exit(0)"))
     returncode, _, log = run_script(path, str(tmp_path), env={"AUTORESEARCH_STEPS": "5"})
     assert returncode == 0, log[-3000:]
     assert "Gradient accumulation steps: 2" in log and "\rstep 00004 (80.0%)" in log
