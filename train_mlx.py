@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 
+import numpy as np
+
 try:
     import mlx.core as mx
     import mlx.nn as nn
@@ -466,6 +468,15 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
+def evaluate(model, tokenizer, batch_size):
+    """val_bpb of the model: evaluate_bpb, fed numpy rows."""
+    def losses(x, y):
+        loss = model(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), reduction="none")
+        return np.array(loss.astype(mx.float32))
+
+    return evaluate_bpb(losses, tokenizer, batch_size)
+
+
 if __name__ == "__main__":
     t_start = time.time()
     run = start_run(__file__, BACKEND, HW)  # runs.jsonl gets a record of this run, however it ends
@@ -611,7 +622,7 @@ if __name__ == "__main__":
 
     # Final eval
     t_eval = time.time()
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate(model, tokenizer, DEVICE_BATCH_SIZE)
     sync_device(BACKEND)
     eval_seconds = time.time() - t_eval
 
