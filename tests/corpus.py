@@ -6,6 +6,7 @@ with injectable faults, and the reference data loader that the fast one must mat
 import math
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -30,6 +31,13 @@ def run_prepare(*args, env=None, timeout=300):
     """Run `prepare.py` as the user would (a fresh process); returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args], cwd=ROOT,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def ctrl_c_as_in_a_terminal():
+    """preexec_fn for a child that a test stops with SIGINT: Python turns SIGINT into KeyboardInterrupt only where it
+    is not ignored at start, and a test run started in the background by a script (`cmd &`) ignores it, children
+    included."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_python(code, env=None, timeout=120):

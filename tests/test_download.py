@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
-from corpus import ROOT, run_prepare, run_python, serve_shards, use_cache
+from corpus import ROOT, ctrl_c_as_in_a_terminal, run_prepare, run_python, serve_shards, use_cache
 
 NAMES = ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "shard_06542.parquet"]
 MIRROR_PATH = "/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
@@ -217,7 +217,8 @@ def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     data_dir = tmp_path / "cache" / "data"
     server.faults["shard_06542.parquet"] = ["stall"]
     proc = subprocess.Popen([sys.executable, "prepare.py", "--num-shards", "3"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.time() + 60
     stalled = str(data_dir / "shard_06542.parquet.*.tmp")  # the temporary file carries the pid
     while not (all((data_dir / n).exists() for n in NAMES[:3]) and glob.glob(stalled)):

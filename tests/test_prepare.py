@@ -24,8 +24,9 @@ import pytest
 import tiktoken
 
 import prepare
-from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, make_docs, make_multilingual_docs,
-                    reference_bpb, reference_dataloader, run_prepare, run_python, use_cache, write_shard)
+from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, ctrl_c_as_in_a_terminal, make_docs,
+                    make_multilingual_docs, reference_bpb, reference_dataloader, run_prepare, run_python, use_cache,
+                    write_shard)
 
 UNREACHABLE = {"AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # any download attempt would fail
 
@@ -718,7 +719,8 @@ def test_interrupted_source_names_the_command_that_resumes_it(synthetic_corpus, 
     cache = tmp_path / "cache"
     env = {**os.environ, **UNREACHABLE, "AUTORESEARCH_CACHE_DIR": str(cache)}
     proc = subprocess.Popen([sys.executable, "prepare.py", "--source", str(src)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_as_in_a_terminal)
     deadline = time.time() + 60
     while True:  # opening the writing end succeeds once prepare waits on the reading end
         assert proc.poll() is None and time.time() < deadline, "prepare never reached the validation file"
