@@ -156,6 +156,14 @@ def edited_copy(folder, script, *edits):
     return str(path)
 
 
+def pytest_collection_modifyitems(items):
+    """A test that reads the shared trainer runs below is slow whatever else it does: `pytest -m "not slow"`, the
+    fast loop, leaves out the two trainer runs (minutes on 2 cores) with every test that needs them."""
+    for item in items:
+        if {"torch_run", "mlx_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts.jsonl")  # what a night writes
 
 

@@ -183,6 +183,7 @@ def run(args, env, **extra):
                           capture_output=True, text=True, timeout=120, env={**env, **extra})
 
 
+@pytest.mark.slow
 def test_only_mlx_installed_for_real(tmp_path):
     """torch really unimportable: auto runs MLX, python -m backends says so, and asking for cpu is one line."""
     need("mlx")
@@ -202,6 +203,7 @@ def test_only_mlx_installed_for_real(tmp_path):
                                               "run `uv sync --extra mps`"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["train.py"], ["train_mlx.py"], ["-m", "backends"]], ids=" ".join)
 def test_no_framework_installed_for_real(tmp_path, args):
     result = run(args, hide(tmp_path, "torch", "mlx"))
@@ -529,6 +531,7 @@ def test_importing_backends_imports_neither_framework():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+@pytest.mark.slow
 def test_frozen_objects_are_freed_at_exit_so_nothing_prints_after_the_summary():
     """The trainers freeze the GC after their first step (as the original). torch imports triton with torch._dynamo
     (here through the meta-device init); frozen, its objects outlive the last collection and nanobind reports them as
@@ -544,6 +547,7 @@ def test_frozen_objects_are_freed_at_exit_so_nothing_prints_after_the_summary():
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_python_m_backends_prints_the_summary():
     result = run_module()
     assert result.returncode == 0, result.stderr

@@ -194,6 +194,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert first_two == ["uv run train.py", command]
 
 
+@pytest.mark.slow
 def test_install_commands_resolve_from_the_lockfile():
     uv = os.environ.get("UV") or shutil.which("uv")
     if uv is None:
@@ -211,6 +212,7 @@ def summary_lines(text):
     return [tuple(part.strip() for part in line.split(":", 1)) for line in text.splitlines() if ":" in line]
 
 
+@pytest.mark.slow
 def test_python_m_backends_prints_the_fields_the_readme_shows():
     readme = read(README)
     example = next(body for lang, body in fenced_blocks(section(readme, "Backends")) if lang == "text")
@@ -431,6 +433,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow
 def test_timeout_stops_a_run_and_leaves_a_crash_record(tmp_path):
     """program.md's run commands, with a trainer that hangs: `timeout` stops it (through `uv run`, which passes the
     signal on, where uv is installed), the log says so, and runs.jsonl records a crash."""

@@ -165,6 +165,7 @@ def test_missing_shard_fails_at_once_and_the_cli_exits_nonzero(synthetic_corpus,
     assert_all_verified(tmp_path / "cache" / "data", synthetic_corpus)
 
 
+@pytest.mark.slow
 def test_two_prepares_at_once_on_one_fresh_cache(server, synthetic_corpus, tmp_path):
     """Two prepare.py started together on one empty cache (two terminals, two agents): both finish, and the cache
     they leave is complete and loads."""
@@ -210,6 +211,7 @@ def test_base_url_overrides():
         assert result.stdout.strip() == url, result.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_download_resumes(server, synthetic_corpus, tmp_path):
     # through HF_ENDPOINT, as with a hub mirror; the validation shard stalls halfway until we press Ctrl-C
     env = {**os.environ, "AUTORESEARCH_CACHE_DIR": str(tmp_path / "cache"), "HF_ENDPOINT": server.url,

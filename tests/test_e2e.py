@@ -137,6 +137,7 @@ def test_train_mlx_cpu_tier_peaks_below_300_mb(mlx_run):
     ("train.py", []),
     ("train_mlx.py", [("COMPILE = True", "COMPILE = False")]),  # no compile: the crash comes within two steps
 ])
+@pytest.mark.slow
 def test_nan_loss_prints_fail_and_exits_1(prepared_cache, tmp_path, script, edits):
     need(FRAMEWORK[script])
     path = edited_copy(tmp_path, script, ("EMBEDDING_LR = 0.6", "EMBEDDING_LR = float('nan')"), *edits)
@@ -150,6 +151,7 @@ def test_nan_loss_prints_fail_and_exits_1(prepared_cache, tmp_path, script, edit
     assert rec["trainer"] == script and rec["step"] == int(fail_lines[0].split()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
 def test_missing_dataset_is_a_one_line_error(tmp_path, script):
     need(FRAMEWORK[script])
@@ -214,6 +216,7 @@ def first_step(tmp_path, script, rows, micro_batches, seq_len=128):
     return dict(np.load(folder / "first_step.npz"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
 def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache, tmp_path, script):
     need(FRAMEWORK[script])
@@ -232,6 +235,7 @@ def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache,
             assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())
 
 
+@pytest.mark.slow
 def test_train_mlx_compiles_its_step_and_traces_it_once(prepared_cache, tmp_path):
     """The training step's two functions run their Python code only while mx.compile traces them: once for the
     whole run, not once per step (a retrace per step costs a compilation every step, and no compile at all costs

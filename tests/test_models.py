@@ -136,6 +136,7 @@ def test_rotary_embedding_is_the_originals_slice_and_cat_rotation_bit_for_bit(dt
     assert torch.equal(train.apply_rotary_emb(x, cos, sin), original)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the CPU window mask
 def test_compiled_blocks_make_one_graph_per_variant():
     # train.py compiles each block on its own (CUDA), and blocks alike share a graph: here (window, value embedding)

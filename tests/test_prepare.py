@@ -155,6 +155,7 @@ def test_token_bytes_are_the_raw_bytes_of_each_token(tokenizer):
     assert token_bytes[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
 
 
+@pytest.mark.slow
 def test_val_bytes_are_the_bytes_of_the_text_on_accented_and_cjk_text(tmp_path, monkeypatch):
     """The metric's denominator on a corpus of accented and Chinese text: every validation byte counted once."""
     src = tmp_path / "src"
@@ -356,6 +357,7 @@ def test_no_warning_when_the_validation_shard_is_large_enough(cache_copy):
     assert report in lines and not [line for line in lines if line.startswith("warning")]
 
 
+@pytest.mark.slow
 def test_changed_training_shard_retrains_tokenizer_and_tokens(cache_copy):
     old_fingerprint = load_tokenizer(cache_copy).fingerprint
     write_shard(cache_copy / "data" / "shard_00001.parquet", make_docs(random.Random(99), 900), 300)
@@ -438,6 +440,7 @@ def test_corrupt_tokenizer_file_is_one_line_naming_it(cache_copy, name, how):
     ("tokenizer.pkl", "random bytes", "Tokenizer: tokenizer.pkl is unreadable"),
     ("token_bytes.npy", "empty", "rewrote token_bytes.npy, which is unreadable"),
 ])
+@pytest.mark.slow
 def test_prepare_repairs_a_corrupt_tokenizer_file(cache_copy, name, how, repair):
     corrupt(cache_copy / "tokenizer" / name, how)
     result = run_prepare("--num-shards", "3", env=UNREACHABLE)
@@ -447,6 +450,7 @@ def test_prepare_repairs_a_corrupt_tokenizer_file(cache_copy, name, how, repair)
     assert prepare.get_token_bytes().tolist() == prepare.token_byte_lengths(load_tokenizer(cache_copy).enc).tolist()
 
 
+@pytest.mark.slow
 def test_second_prepare_on_a_cache_waits_for_the_first(cache_copy, tmp_path):
     """Two prepare.py on one cache would overwrite each other's files: the second waits for the first's lock,
     saying so once, then does its work."""
@@ -679,6 +683,7 @@ def test_source_refuses_to_overwrite_downloaded_shards(cache_copy, tmp_path):
     assert len(list((cache_copy / "data").glob("*.parquet"))) == 4
 
 
+@pytest.mark.slow
 def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypatch):
     # the synthetic corpus as .jsonl training files + a validation .txt: prepare must do the rest on its own
     use_cache(monkeypatch, tmp_path / "cache")
@@ -708,6 +713,7 @@ def test_source_cli_builds_a_working_cache(synthetic_corpus, tmp_path, monkeypat
     assert "Tokenizer: up to date" in result.stdout
 
 
+@pytest.mark.slow
 def test_interrupted_source_names_the_command_that_resumes_it(synthetic_corpus, tmp_path):
     """Ctrl-C while --source reads the validation file, after the training shard is written: the message names the
     --source command (a plain `uv run prepare.py` would download from the hub), and that command finishes the job."""

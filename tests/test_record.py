@@ -306,6 +306,7 @@ def test_the_data_fingerprint_names_the_data_not_the_folder(prepared_cache, tmp_
     assert fingerprint(copy) != original
 
 
+@pytest.mark.slow
 def test_editing_a_fixed_file_changes_the_harness_line(tmp_path):
     scratch = tmp_path / "repo"
     scratch.mkdir()
@@ -420,6 +421,7 @@ def test_fail_prints_the_step_and_the_loss_and_records_them(tmp_path):
     assert rec["status"] == "fail" and rec["step"] == 37 and rec["error"] == "loss nan at step 37"
 
 
+@pytest.mark.slow
 def test_the_record_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
     git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
                                        text=True, env={**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b",

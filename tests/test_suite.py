@@ -13,6 +13,7 @@ import pytest
 from conftest import EXTRAS, ROOT, hiding, need, python_env, run_script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("framework", sorted(EXTRAS))
 def test_the_suite_collects_without_a_framework_and_names_the_extra(tmp_path, framework):
     """Collection only (cheap): no module fails to import, and each module that needs the missing framework is
@@ -88,6 +89,7 @@ def test_a_session_fixture_that_writes_into_the_repository_fails_the_run(tmp_pat
     assert f"the test session wrote run.log into the repository root {tmp_path}" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
     """A Mac may have MLX and no PyTorch: test_record's tiny trainers read the machine's speed with the framework
     that is there, so no warning about a missing torch lands in the output the tests read."""
@@ -107,6 +109,7 @@ def collected(*args):
     return [line for line in result.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow
 def test_the_fast_loop_keeps_a_test_of_every_file():
     """`uv run pytest -m "not slow"`, the README's fast loop: the tests marked slow stay out, and every test file
     keeps at least one test of its contracts."""
