@@ -1028,7 +1028,7 @@ def evaluate_bpb(losses, tokenizer, batch_size, rows_per_call=None):
     losses(x, y) is the trainer's model: int64 numpy rows of inputs and targets in, their per-token losses in nats
     out as a numpy array. It gets each batch rows_per_call rows at a time: by default as many as hold at most 1 GiB
     of float32 logits (a 24 GB Mac's Metal buffer limit is ~14 GB); a model that bounds its logits itself may take
-    whole batches. Rows of the last batch past EVAL_TOKENS are not counted.
+    whole batches. Rows of the last batch past EVAL_TOKENS may be in a call; they are not counted.
     """
     token_bytes = get_token_bytes()
     num_rows = EVAL_TOKENS // MAX_SEQ_LEN
