@@ -15,7 +15,7 @@ when their commit is on the branch). Another night's records, a manual run and a
 
 Runs that count: the night's records of finished runs (status ok) made from a clean commit, that did not swap,
 and that share the setup of HEAD's latest run: the harness fingerprint (the fixed files: prepare.py, analysis.py,
-backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
+hub.py, backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
 knobs. Runs of another setup are never compared: their val_bpb is on another scale.
 
 Machine drift: every record holds the machine's speed as training began and as it ended (backends/calibrate.py, a
@@ -70,7 +70,7 @@ PLOT = "progress.png"
 HEADER = ["commit", "val_bpb", "memory_gb", "status", "description"]
 STATUSES = ("keep", "discard", "crash", "rerun")
 RECORD_FIELDS = ("time", "commit", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip", "smoke", "status")
-FIXED_FILES = "prepare.py analysis.py backends pyproject.toml uv.lock"  # backends/record.py's FIXED_FILES
+FIXED_FILES = "prepare.py analysis.py hub.py backends pyproject.toml uv.lock"  # backends/record.py's FIXED_FILES
 
 BASELINE_RUNS = 3   # runs of the baseline before the first idea: the first noise estimate
 MAX_RUNS = 3        # runs of one candidate at most: a gain still inside the noise then is not worth keeping
@@ -178,17 +178,24 @@ def read_runs(path=RUNS):
         return None
     records = []
     for lineno, record in read_jsonl(path):
-        missing = [k for k in RECORD_FIELDS if k not in record]
-        if missing:
-            warn(f"{path}:{lineno}: no {', '.join(missing)} field: not a record written by a trainer: skipped")
-            continue
-        value = record.get("val_bpb")
-        if record["status"] == "ok" and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            record.update(status="fail", error=f"val_bpb {value} (not a finite number)")
-        record["line"] = lineno
-        record["commit"] = (record["commit"] or "")[:7]
-        records.append(record)
+        if checked_record(record, f"{path}:{lineno}") is not None:
+            records.append({**record, "line": lineno})
     return records
+
+
+def checked_record(record, where):
+    """A trainer's record as the verdict reads it (commit shortened to 7 characters; an ok record whose val_bpb is
+    not a finite number, from a trainer older than the check, counts as failed), or None with a warning naming where
+    it is when it lacks a field every trainer writes. hub.py reads the fleet's records through it too."""
+    missing = [k for k in RECORD_FIELDS if k not in record]
+    if missing:
+        warn(f"{where}: no {', '.join(missing)} field: not a record written by a trainer: skipped")
+        return None
+    value = record.get("val_bpb")
+    if record["status"] == "ok" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+        record.update(status="fail", error=f"val_bpb {value} (not a finite number)")
+    record["commit"] = (record["commit"] or "")[:7]
+    return record
 
 
 def git(*args):

@@ -35,7 +35,7 @@ from backends.jsonl import append, git
 
 RUNS_FILE = "runs.jsonl"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXED_FILES = ("prepare.py", "analysis.py", "backends", "pyproject.toml", "uv.lock")  # what the agent may not edit
+FIXED_FILES = ("prepare.py", "analysis.py", "hub.py", "backends", "pyproject.toml", "uv.lock")  # the agent may not edit
 # Outside git, what a fingerprint of a folder skips: files an editor or the OS leaves beside the real ones
 JUNK_SUFFIXES = ("~", ".swp", ".swo", ".pyc", ".orig", ".rej")
 # A run that outgrows memory pushes hundreds of MB to GBs into swap; the OS moves a few MB of idle programs

@@ -28,6 +28,7 @@ BACKENDS_DOC = os.path.join(DOCS_DIR, "backends.md")
 TIERS_DOC = os.path.join(DOCS_DIR, "memory-and-tiers.md")
 DATASETS_DOC = os.path.join(DOCS_DIR, "datasets.md")
 RUN_RECORD_DOC = os.path.join(DOCS_DIR, "run-record.md")
+FLEET_DOC = os.path.join(DOCS_DIR, "fleet.md")
 DOCS = [README, PROGRAM] + sorted(glob.glob(os.path.join(DOCS_DIR, "*.md")))
 README_MAX_WORDS = 2000   # the original's README is about 1,200
 PROGRAM_MAX_WORDS = 1500  # the agent reads all of it at the start of every night
@@ -41,6 +42,8 @@ PROGRAM_MAX_WORDS = 1500  # the agent reads all of it at the start of every nigh
 # the one command below that needs the internet.
 NOT_RUN = "not run: the uv installer downloads from astral.sh; .ci/run installs uv from PyPI instead"
 TIMEOUT_TEST = "tests/test_docs.py::test_timeout_stops_a_run_and_leaves_a_crash_record"
+FLEET_SETUP = "tests/test_hub.py::test_the_readmes_fleet_setup_makes_a_hub_that_refuses_rewrites"
+FLEET_NIGHT = "tests/test_hub.py::test_program_mds_fleet_commands_in_a_night_of_two_agents"
 COMMANDS = {
     # README.md and docs/
     "uv run train.py": ("tests/conftest.py::torch_run", "tests/conftest.py::mlx_run"),
@@ -93,6 +96,17 @@ COMMANDS = {
     "tail -n 1 runs.jsonl": ("tests/test_docs.py::test_the_last_run_record",),
     "git rev-parse --short=7 HEAD": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
     "git reset --hard <kept>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
+    # docs/fleet.md and program.md: the fleet
+    "git init --bare /Volumes/shared/fleet.git": (FLEET_SETUP,),
+    "git -C /Volumes/shared/fleet.git config receive.denyNonFastForwards true": (FLEET_SETUP,),
+    "git -C /Volumes/shared/fleet.git config receive.denyDeletes true": (FLEET_SETUP,),
+    "git remote add hub /Volumes/shared/fleet.git": (FLEET_SETUP,),
+    "uv run hub.py board": (FLEET_SETUP, FLEET_NIGHT),
+    "uv run hub.py publish": (FLEET_NIGHT,),
+    'uv run hub.py claim "<idea>"': (FLEET_NIGHT,),
+    'uv run hub.py release "<idea>"': (FLEET_NIGHT,),
+    "uv run hub.py try <agent>/<tag>": (FLEET_NIGHT,),
+    "uv run benchmarks/bench_hub.py": ("tests/test_hub.py::test_bench_hub_runs",),
 }
 COMMAND_WORDS = {"uv", "uvx", "git", "grep", "tail", "head", "cat", "ls", "python", "python3", "pip", "pip3", "curl",
                  "wget", "brew", "printf", "echo", "kill", "pkill", "export", "cd", "rm", "mkdir", "timeout", "sh", "bash",
@@ -151,7 +165,7 @@ def test_every_fenced_block_says_whether_it_is_commands_or_output():
 
 
 def test_the_docs_folder_is_read():
-    assert {BACKENDS_DOC, TIERS_DOC, DATASETS_DOC, RUN_RECORD_DOC} <= set(DOCS)
+    assert {BACKENDS_DOC, TIERS_DOC, DATASETS_DOC, RUN_RECORD_DOC, FLEET_DOC} <= set(DOCS)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
@@ -374,7 +388,7 @@ def test_prepare_help_lists_every_option_the_readme_names():
 
 
 def test_environment_variables_in_the_docs_exist_in_the_code():
-    code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/__init__.py"))
+    code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/__init__.py", "hub.py"))
     for path in DOCS:
         for name in set(re.findall(r"\b(?:AUTORESEARCH_[A-Z_]+|HF_ENDPOINT)\b", read(path))):
             assert f'"{name}"' in code, (os.path.basename(path), name)

@@ -224,10 +224,10 @@ def harness_line(root):
 def test_the_fixed_files_are_exactly_these():
     """What the agent may not edit, written out: a file dropped from the list would stop counting silently."""
     import analysis
-    assert record.FIXED_FILES == ("prepare.py", "analysis.py", "backends", "pyproject.toml", "uv.lock")
-    assert analysis.FIXED_FILES == "prepare.py analysis.py backends pyproject.toml uv.lock"  # its restore advice
+    assert record.FIXED_FILES == ("prepare.py", "analysis.py", "hub.py", "backends", "pyproject.toml", "uv.lock")
+    assert analysis.FIXED_FILES == "prepare.py analysis.py hub.py backends pyproject.toml uv.lock"  # restore advice
     assert record.fixed_file_list(record.FIXED_FILES) == sorted(
-        ["prepare.py", "analysis.py", "pyproject.toml", "uv.lock"]
+        ["prepare.py", "analysis.py", "hub.py", "pyproject.toml", "uv.lock"]
         + [f"backends/{f}" for f in os.listdir(os.path.join(ROOT, "backends")) if f.endswith(".py")])
 
 
