@@ -32,6 +32,7 @@ def recording(monkeypatch):
     """The record code as a trainer uses it, without a prepared cache or a framework: fixed data fingerprint and
     machine speed, no swap readings, no smoke knobs."""
     monkeypatch.setattr(prepare, "data_fingerprint", lambda: "da7a0001")
+    monkeypatch.setattr(prepare, "DATASET", "climbmix")
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2, "distinct_rows": 2})
@@ -190,7 +191,7 @@ def test_publish_sends_the_nights_runs_and_kept_branch_once_and_the_board_shows_
     assert board.returncode == 0, board.stderr
     text = board.stdout
     assert "fleet at file://" in text and "1 agent(s) (alpha), 5 runs of 3 commits" in text
-    assert f"setup 1: harness {record.harness_fingerprint()}, data da7a0001, cpu on Test CPU A" in text
+    assert f"setup 1: harness {record.harness_fingerprint()}, dataset climbmix, data da7a0001, cpu on Test CPU A" in text
     assert "  baseline 1.000000 (3 runs), sigma 0.010000 (dof 2)" in text
     best = next(line for line in text.splitlines() if line.endswith("twice the steps"))
     assert best.split()[:4] == ["0.900000", "0.100000", "+10.0", "alpha/night"]
