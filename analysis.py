@@ -15,8 +15,9 @@ when their commit is on the branch). Another night's records, a manual run and a
 
 Runs that count: the night's records of finished runs (status ok) made from a clean commit, that did not swap,
 and that share the setup of HEAD's latest run: the harness fingerprint (the fixed files: prepare.py, analysis.py,
-hub.py, backends/, pyproject.toml, uv.lock), the data fingerprint (tokenizer and shards), backend, chip and smoke-test
-knobs. Runs of another setup are never compared: their val_bpb is on another scale.
+hub.py, backends/, pyproject.toml, uv.lock), the dataset's name, the data fingerprint (tokenizer and shards),
+backend, chip, smoke-test knobs, and the mode (timed, or fixed work of N steps). Runs of another setup are never
+compared: their val_bpb is on another scale.
 
 Machine drift: every record holds the machine's speed as training began and as it ended (backends/calibrate.py, a
 fixed matmul: it does not depend on the code under test). Runs count only while the machine was steady (the two
@@ -239,19 +240,21 @@ def head_commit(records):
 # Noise and the verdict
 # ---------------------------------------------------------------------------
 
-SETUP_NAMES = ("harness", "dataset", "data", "backend", "chip", "smoke-test knobs")
+SETUP_NAMES = ("harness", "dataset", "data", "backend", "chip", "smoke-test knobs", "mode")
 
 
 def setup(record):
-    """What must match for two runs' val_bpb to be comparable."""
+    """What must match for two runs' val_bpb to be comparable. The mode: 0 for a timed run (a record older than
+    the fixed-work mode was one), else AUTORESEARCH_STEPS."""
     return (record["harness"], record.get("dataset"), record.get("data"), record["backend"], record["chip"],
-            tuple(record["smoke"]))
+            tuple(record["smoke"]), record.get("fixed_steps", 0))
 
 
 def describe_setup(record):
     smoke = f", smoke-test knobs {' '.join(record['smoke'])}" if record["smoke"] else ""
+    steps = f", fixed work of {record['fixed_steps']} steps" if record.get("fixed_steps") else ""
     return (f"harness {record['harness']}, dataset {record.get('dataset')}, data {record.get('data')}, "
-            f"{record['backend']} on {record['chip']}{smoke}")
+            f"{record['backend']} on {record['chip']}{smoke}{steps}")
 
 
 def speed(record):

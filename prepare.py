@@ -47,7 +47,7 @@ class PrepareError(SystemExit):
 
 
 def _env_int(name, default, minimum):
-    # smoke-test knobs for the tests only; a real run never sets them
+    # the smoke-test knobs (for the tests only; a real run never sets them) and the fixed-work mode's step count
     value = os.environ.get(name)
     if not value:
         return default
@@ -62,6 +62,10 @@ def _env_int(name, default, minimum):
 MAX_SEQ_LEN = 2048       # context length
 TIME_BUDGET = _env_int("AUTORESEARCH_TIME_BUDGET", 300, 1)  # training time budget in seconds (5 minutes)
 EVAL_TOKENS = _env_int("AUTORESEARCH_EVAL_TOKENS", 10 * 524288, MAX_SEQ_LEN)  # val tokens; one value for every chip
+# Fixed-work mode: exactly this many optimizer steps, every schedule on step / FIXED_STEPS instead of the clock, so
+# two backends or two machines train the same steps (0, the default: timed). A mode of its own, not a smoke test.
+FIXED_STEPS = _env_int("AUTORESEARCH_STEPS", 0, 0)
+TRAINING_MODE = f"steps {FIXED_STEPS}" if FIXED_STEPS else f"time {TIME_BUDGET}s"  # the summary's `mode:` line
 SMOKE_KNOBS = [f"{k}={os.environ[k]}" for k in ("AUTORESEARCH_TIME_BUDGET", "AUTORESEARCH_EVAL_TOKENS")
                if os.environ.get(k)]
 SMOKE_TEST_WARNING = (f"smoke test ({', '.join(SMOKE_KNOBS)}): val_bpb is not comparable to real runs"

@@ -31,7 +31,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, sample_memory, suggest_hyperparameters, sync_device
 from backends.muon_mps import MuonAdamW
 from backends.record import start_run
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import FIXED_STEPS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -337,8 +337,8 @@ MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)
 SCALAR_LR = 0.5         # learning rate for per-layer scalars (Adam)
 WEIGHT_DECAY = 0.2      # cautious weight decay for Muon
 ADAM_BETAS = (0.8, 0.95) # Adam beta1, beta2
-WARMUP_RATIO = 0.0      # fraction of time budget for LR warmup
-WARMDOWN_RATIO = 0.5    # fraction of time budget for LR warmdown
+WARMUP_RATIO = 0.0      # fraction of the run (time budget, or AUTORESEARCH_STEPS) for LR warmup
+WARMDOWN_RATIO = 0.5    # fraction of the run for LR warmdown
 FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
@@ -452,7 +452,7 @@ if __name__ == "__main__":
 
     x, y, epoch = to_device(next(train_loader))  # prefetch first batch
 
-    print(f"Time budget: {TIME_BUDGET}s")
+    print(f"Fixed work: {FIXED_STEPS} steps" if FIXED_STEPS else f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
 
     # -----------------------------------------------------------------------
@@ -477,8 +477,9 @@ if __name__ == "__main__":
             sample_memory(BACKEND)  # MPS reports only current usage: keep a running peak (a no-op elsewhere)
             x, y, epoch = to_device(next(train_loader))
 
-        # Progress and schedules: one call reaches every group (LR for all, momentum and decay for Muon)
-        progress = min(total_training_time / TIME_BUDGET, 1.0)
+        # Progress and schedules: one call reaches every group (LR for all, momentum and decay for Muon). Progress is
+        # the time budget's share spent, or in fixed-work mode (AUTORESEARCH_STEPS) the steps' share done
+        progress = step / FIXED_STEPS if FIXED_STEPS else min(total_training_time / TIME_BUDGET, 1.0)
         lrm = get_lr_multiplier(progress)
         optimizer.set_schedule(lrm, get_muon_momentum(step), get_weight_decay(progress))
         optimizer.step()
@@ -504,7 +505,7 @@ if __name__ == "__main__":
         pct_done = 100 * progress
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops
-        remaining = max(0, TIME_BUDGET - total_training_time)
+        remaining = (FIXED_STEPS - step - 1) * dt if FIXED_STEPS else max(0, TIME_BUDGET - total_training_time)
 
         print(f"\rstep {step:05d} ({pct_done:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu:.1f}% | epoch: {epoch} | remaining: {remaining:.0f}s    ", end="", flush=True)
 
@@ -518,8 +519,8 @@ if __name__ == "__main__":
 
         step += 1
 
-        # Time's up, but only stop after the warmup steps so compilation is not counted
-        if step > 10 and total_training_time >= TIME_BUDGET:
+        # Time's up, but only stop after the warmup steps so compilation is not counted (fixed work: after its steps)
+        if (step >= FIXED_STEPS) if FIXED_STEPS else (step > 10 and total_training_time >= TIME_BUDGET):
             break
 
     print()  # newline after the \r training log

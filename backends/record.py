@@ -60,6 +60,7 @@ SUMMARY = (
     ("dataset", "s"),  # the dataset's name (prepare.py --dataset, AUTORESEARCH_DATASET)
     ("data", "s"),
     ("machine_speed", ".1f"),  # GFLOP/s of backends/calibrate.py's matmul: the mean of the readings around training
+    ("mode", "s"),  # `time 300s`, or `steps 200` in fixed-work mode (AUTORESEARCH_STEPS)
 )
 
 
@@ -143,6 +144,8 @@ class Run:
             "backend": backend,
             "chip": hw["chip"],
             "smoke": prepare.SMOKE_KNOBS,
+            "mode": prepare.TRAINING_MODE,
+            "fixed_steps": prepare.FIXED_STEPS,  # 0: timed
         }
         if changes:
             self.record["uncommitted"] = changes[:20]
@@ -207,7 +210,7 @@ class Run:
                       chip=self.record["chip"], startup_seconds=total_seconds - training_seconds - eval_seconds,
                       eval_seconds=eval_seconds, harness=self.record["harness"],
                       dataset=self.record["dataset"], data=self.record["data"],
-                      machine_speed=machine["machine_speed"])
+                      machine_speed=machine["machine_speed"], mode=self.record["mode"])
         # what the summary prints is what the record holds: each value rounded as printed, "-" for None
         printed = {key: "-" if values[key] is None else format(values[key], fmt) for key, fmt in SUMMARY}
         values = {key: None if values[key] is None else printed[key] if fmt == "s" else

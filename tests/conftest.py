@@ -113,6 +113,49 @@ def mlx_run(prepared_cache, tmp_path_factory):
                       env={**SMOKE_ENV, "AUTORESEARCH_BACKEND": "mlx"})
 
 
+# ---------------------------------------------------------------------------
+# Edited copies of a trainer, as the agent edits it
+# ---------------------------------------------------------------------------
+
+def trainer_line(script, start):
+    """The line of the trainer `script` whose code starts with `start`, as written (indentation included)."""
+    with open(os.path.join(ROOT, script)) as f:
+        return next(line for line in f.read().splitlines() if line.strip().startswith(start))
+
+
+def after_line(script, start, code, deeper=0):
+    """An edit that puts `code` on a line of its own after the trainer's line starting with `start`, at its
+    indentation (`deeper` spaces more: inside the block that line opens)."""
+    anchor = trainer_line(script, start)
+    return anchor, anchor + "\n" + " " * (len(anchor) - len(anchor.lstrip()) + deeper) + code
+
+
+def model_size(script, depth, rows, micro_batches, seq_len=None):
+    """Edits that set the model's depth, its micro-batches of `rows` rows, `micro_batches` of them a step, and a
+    shorter MAX_SEQ_LEN if given (the evaluation cannot run then: its rows are 2048 tokens)."""
+    import prepare
+    shorter = f"\nMAX_SEQ_LEN = {seq_len}" if seq_len else ""
+    return [(trainer_line(script, "DEPTH = "), f"DEPTH = {depth}{shorter}"),
+            (trainer_line(script, "DEVICE_BATCH_SIZE = "), f"DEVICE_BATCH_SIZE = {rows}"),
+            (trainer_line(script, "TOTAL_BATCH_SIZE = "),
+             f"TOTAL_BATCH_SIZE = {rows * micro_batches * (seq_len or prepare.MAX_SEQ_LEN)}")]
+
+
+MLX_ON_CPU = ('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)')  # also on a machine with a GPU
+
+
+def edited_copy(folder, script, *edits):
+    """A copy of a training script in folder with lines edited, as the agent edits it: (old, new) pairs."""
+    with open(os.path.join(ROOT, script)) as f:
+        text = f.read()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = folder / script
+    path.write_text(text)
+    return str(path)
+
+
 RUN_OUTPUTS = ("run.log", "runs.jsonl", "progress.png", "results.tsv", "verdicts.jsonl")  # what a night writes
 
 

@@ -533,6 +533,26 @@ def test_runs_on_two_datasets_are_never_compared(tmp_path):
     assert json.loads(out)["not_comparable"][0]["differs"] == ["dataset"]
 
 
+def test_a_fixed_work_run_is_never_compared_with_a_timed_one(tmp_path):
+    """AUTORESEARCH_STEPS=N trains exactly N steps on a schedule of its own: its val_bpb is on another scale than a
+    timed run's, and than a run of another N. The verdict stops with an error; the report names the mode."""
+    rows, records = baseline_session()
+    fixed = lambda n: {"mode": f"steps {n}", "fixed_steps": n}
+    with pytest.raises(SystemExit) as e:
+        verdict(rows, records + [rec(IDEA, 0.5, **fixed(200))])
+    assert "fixed work of 200 steps" in str(e.value) and "environment variables" in str(e.value)
+    fixed_rows = [{**r, **fixed(200)} for r in records]
+    with pytest.raises(SystemExit) as e:
+        verdict(rows, fixed_rows + [rec(IDEA, 0.5, **fixed(100))])
+    assert "fixed work of 100 steps" in str(e.value)
+    assert verdict(rows, fixed_rows + [rec(IDEA, 0.5, **fixed(200))])[0] == "keep"  # the same N: compared
+    write(tmp_path, rows + [row(IDEA, 0.5, "keep")], records + [rec(IDEA, 0.5, **fixed(200))])
+    returncode, out, err = cli(tmp_path, "--json")
+    assert returncode == 0, err
+    (changed,) = json.loads(out)["not_comparable"]
+    assert changed["commit"] == IDEA and changed["differs"] == ["mode"] and "fixed work of 200 steps" in changed["setup"]
+
+
 def test_the_report_marks_drifted_runs(tmp_path):
     rows, records = night()
     records = [{**r, **at(100.0)} for r in records]

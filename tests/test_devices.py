@@ -1,9 +1,12 @@
 """Accelerator paths. CI has no GPU, so these skip there, by name; the same code runs on the CPU in
 test_models.py, test_parity.py and test_e2e.py. On a Mac (or an NVIDIA box) `uv run pytest` runs them."""
+import re
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
-from conftest import need
+from conftest import MLX_ON_CPU, after_line, edited_copy, model_size, need, run_script
 
 need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
 need("torch")
@@ -14,6 +17,7 @@ import torch
 from mlx.utils import tree_flatten
 from torch.nn.attention.flex_attention import flex_attention
 
+import prepare
 import train
 import train_mlx
 from backends import muon_mlx
@@ -192,3 +196,86 @@ def test_mlx_gpu_muon_step_matches_mlx_cpu():
     for name, expected in updates[mx.cpu].items():
         error = np.linalg.norm(updates[mx.gpu][name] - expected)
         assert error <= 1e-2 * np.linalg.norm(expected), (name, error, np.linalg.norm(expected))
+
+
+# ---------------------------------------------------------------------------
+# The two trainers as they really train, side by side: one experiment
+# ---------------------------------------------------------------------------
+
+LOAD_WEIGHTS = {  # after the trainer's own init: the weights of an .npz (float32), each cast to its parameter's dtype
+    "train.py": "model.load_state_dict({n: torch.from_numpy(weights[n]) for n in weights.files})",
+    "train_mlx.py": "from mlx.utils import tree_map_with_path; model.update(tree_map_with_path("
+                    "lambda n, p: mx.array(weights[n]).astype(p.dtype), model.parameters()))",
+}
+PROGRESS = re.compile(r"\rstep (\d{5}) \([\d.]+%\) \| loss: ([\d.]+)")
+
+
+def fixed_work_curve(folder, script, weights, env, *edits):
+    """An edited copy of `script`, started from `weights`, run in fixed-work mode: the smoothed training loss of every
+    step (the progress line's) and the summary's val_bpb."""
+    folder.mkdir()
+    load = f"import numpy as np; weights = np.load({str(weights)!r}); {LOAD_WEIGHTS[script]}"
+    path = edited_copy(folder, script, *edits, after_line(script, "model.init_weights(", load))
+    returncode, _, log = run_script(path, str(folder), env=env)
+    assert returncode == 0, log[-3000:]
+    steps = [(int(step), float(loss)) for step, loss in PROGRESS.findall(log)]
+    assert [step for step, _ in steps] == list(range(int(env["AUTORESEARCH_STEPS"]))), log[-3000:]
+    return np.array([loss for _, loss in steps]), float(re.search(r"^val_bpb: +(\S+)$", log, re.MULTILINE).group(1))
+
+
+def trainers_side_by_side(tmp_path, depth, rows, steps, eval_rows, env, mlx_edits=()):
+    """train.py and train_mlx.py, each run as a script with `env`, at one model size, from identical weights (the
+    init with small noise on every weight, as test_parity.perturb explains, in float32, stored in each trainer's
+    dtypes) on the same batches in the same order (the data loader is deterministic): their loss curves and
+    val_bpb, the two runs at once."""
+    vocab_size = prepare.Tokenizer.from_directory().get_vocab_size()
+    torch.manual_seed(0)
+    model = train.GPT(train.build_model_config(depth, vocab_size))
+    model.init_weights(dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    weights = tmp_path / "weights.npz"
+    np.savez(weights, **{name: p.detach().numpy() for name, p in model.named_parameters()})
+    env = {**env, "AUTORESEARCH_STEPS": str(steps), "AUTORESEARCH_EVAL_TOKENS": str(eval_rows * prepare.MAX_SEQ_LEN)}
+    edits = {"train.py": model_size("train.py", depth, rows, 1),
+             "train_mlx.py": [*model_size("train_mlx.py", depth, rows, 1), *mlx_edits]}
+    with ThreadPoolExecutor(2) as pool:  # most of each run is start-up and compilation
+        return dict(zip(edits, pool.map(lambda script: fixed_work_curve(
+            tmp_path / script.removesuffix(".py"), script, weights, env, *edits[script]), edits)))
+
+
+def compare_curves(runs, curve_bound, bpb_bound):
+    """The largest relative gap between the two loss curves, at every step, and between the val_bpb; printed (run
+    pytest with -s to see them) and held to the bounds."""
+    (t_curve, t_bpb), (m_curve, m_bpb) = runs["train.py"], runs["train_mlx.py"]
+    gaps = np.abs(m_curve - t_curve) / t_curve
+    for step in sorted({*range(0, len(gaps), max(1, len(gaps) // 20)), len(gaps) - 1}):
+        print(f"step {step:4d}  train.py {t_curve[step]:.4f}  train_mlx.py {m_curve[step]:.4f}  gap {gaps[step]:.2%}")
+    bpb_gap = abs(m_bpb - t_bpb) / t_bpb
+    print(f"largest curve gap {gaps.max():.2%} at step {gaps.argmax()}; val_bpb train.py {t_bpb:.6f}, "
+          f"train_mlx.py {m_bpb:.6f}: gap {bpb_gap:.2%}")
+    assert t_curve[-1] < t_curve[0] - 1.0, "the runs must actually learn for the comparison to mean anything"
+    assert gaps.max() <= curve_bound, (gaps.max(), gaps.argmax())
+    assert bpb_gap <= bpb_bound, (t_bpb, m_bpb)
+
+
+@pytest.mark.slow
+def test_both_trainers_on_the_cpu_follow_one_curve_end_to_end(prepared_cache, tmp_path):
+    """What the GPU test below does, on the CPU in float32, where CI runs it: the trainers' own scripts, with
+    everything but the weights as shipped (loop, schedules, step), agree closely."""
+    runs = trainers_side_by_side(tmp_path, depth=2, rows=1, steps=12, eval_rows=2, env={"AUTORESEARCH_BACKEND": "cpu"},
+                                 mlx_edits=[MLX_ON_CPU])
+    compare_curves(runs, curve_bound=1e-3, bpb_bound=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available() or not (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                    reason="needs an NVIDIA GPU with PyTorch's CUDA and MLX's CUDA build")
+def test_both_trainers_in_bf16_on_one_gpu_follow_one_curve_for_200_steps(prepared_cache, tmp_path):
+    """train.py on CUDA and train_mlx.py on MLX's CUDA build, each in bf16 as it trains (torch.compile'd blocks,
+    mx.compile'd step), from identical weights on the same batches, 200 fixed-work steps at depth 4 with one
+    16-row micro-batch a step: the smoothed loss within 2% at every step, the final val_bpb within 1%."""
+    runs = trainers_side_by_side(tmp_path, depth=4, rows=16, steps=200, eval_rows=16,
+                                 env={"AUTORESEARCH_BACKEND": "cuda"})
+    compare_curves(runs, curve_bound=0.02, bpb_bound=0.01)

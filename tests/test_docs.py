@@ -48,6 +48,9 @@ COMMANDS = {
     # README.md and docs/
     "uv run train.py": ("tests/conftest.py::torch_run", "tests/conftest.py::mlx_run"),
     "uv run pytest -v": (".ci/run",),
+    'uv run pytest -m "not slow"': ("tests/test_suite.py::test_the_fast_loop_keeps_a_test_of_every_file",),
+    "AUTORESEARCH_STEPS=200 uv run train.py":
+        ("tests/test_e2e.py::test_fixed_work_runs_n_steps_and_repeats_its_val_bpb_on_a_loaded_machine",),
     "curl -LsSf https://astral.sh/uv/install.sh | sh": (NOT_RUN,),
     "uv sync --extra mlx": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra mps": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),

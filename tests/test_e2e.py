@@ -14,13 +14,13 @@ import pytest
 
 import backends
 from backends import record
-from conftest import ROOT, SMOKE_ENV, need, run_script
+from conftest import MLX_ON_CPU, ROOT, SMOKE_ENV, after_line, edited_copy, model_size, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                 "num_steps", "num_params_M", "depth", "backend", "chip", "startup_seconds", "eval_seconds", "harness",
-                "dataset", "data", "machine_speed"]
+                "dataset", "data", "machine_speed", "mode"]
 RECORD_KEYS = {"id", "time", "commit", "branch", "dirty", "trainer", "trainer_sha", "harness", "backend", "chip",
-               "smoke", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
+               "smoke", "fixed_steps", "status", "tokens_per_sec", "swap_mb", "swapped", "eval_rows", "eval_distinct_rows", "warnings",
                "machine_speeds", "loadavg", *SUMMARY_KEYS}
 FRAMEWORK = {"train.py": "torch", "train_mlx.py": "mlx"}  # what each trainer imports
 
@@ -81,6 +81,7 @@ def check_summary(log_path, backend, untrained):
     assert float(values["training_seconds"]) >= float(SMOKE_ENV["AUTORESEARCH_TIME_BUDGET"])
     assert float(values["peak_vram_mb"]) > 0
     assert values["backend"] == backend
+    assert values["mode"] == f"time {SMOKE_ENV['AUTORESEARCH_TIME_BUDGET']}s"
     assert any(w.startswith("smoke test") and "not comparable" in w for w in warnings)  # never a real result
     assert values["harness"] == record.harness_fingerprint()
     assert values["dataset"] == "climbmix"  # the session cache's, downloaded from the test server
@@ -100,7 +101,7 @@ def check_summary(log_path, backend, untrained):
         assert rec[key] == (value if isinstance(rec[key], str) else float(value)), key
     assert rec["trainer"] == ("train_mlx.py" if backend == "mlx" else "train.py")
     assert rec["trainer_sha"] == record.fingerprint([rec["trainer"]], ROOT)
-    assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()]
+    assert rec["smoke"] == [f"{k}={v}" for k, v in SMOKE_ENV.items()] and rec["fixed_steps"] == 0
     assert rec["tokens_per_sec"] > 0 and rec["swapped"] is (rec["swap_mb"] is not None and rec["swap_mb"] >= record.SWAP_WARN_MB)
 
 
@@ -130,17 +131,6 @@ def test_train_mlx_cpu_tier_peaks_below_300_mb(mlx_run):
     if tier != "cpu":  # MLX's CUDA build trains the GPU tier's model: another bound
         pytest.skip(f"MLX ran the {tier} tier here, not the CPU tier this bound is for")
     assert float(dict(summary(log_path))["peak_vram_mb"]) <= 300
-
-
-def edited_copy(tmp_path, script, *edits):
-    """A copy of a training script with lines edited, as the agent edits it."""
-    text = open(os.path.join(ROOT, script)).read()
-    for old, new in edits:
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / script
-    path.write_text(text)
-    return str(path)
 
 
 @pytest.mark.parametrize("script,edits", [
@@ -208,18 +198,13 @@ def first_step(tmp_path, script, rows, micro_batches, seq_len=128):
     """Parameters and optimizer state after the first optimizer step of a 1-layer model (its weights perturbed)
     whose steps take `micro_batches` micro-batches of `rows` rows each. The dataloader packs rows one after another,
     so every split of the same number of rows trains on the same tokens."""
-    text = open(os.path.join(ROOT, script)).read()
-    line = lambda start: next(l for l in text.splitlines() if l.strip().startswith(start))
-    indented = lambda anchor, code: anchor + "\n" + anchor[:len(anchor) - len(anchor.lstrip())] + code
     edits = [
-        (line("DEPTH = "), f"DEPTH = 1\nMAX_SEQ_LEN = {seq_len}"),
-        (line("DEVICE_BATCH_SIZE = "), f"DEVICE_BATCH_SIZE = {rows}"),
-        (line("TOTAL_BATCH_SIZE = "), f"TOTAL_BATCH_SIZE = {rows * micro_batches * seq_len}"),
-        (line("model.init_weights("), indented(line("model.init_weights("), PERTURB_AFTER_INIT[script])),
-        (line("train_loss_f = "), indented(line("train_loss_f = "), "; ".join(DUMP_AFTER_FIRST_STEP[script]))),
+        *model_size(script, 1, rows, micro_batches, seq_len),
+        after_line(script, "model.init_weights(", PERTURB_AFTER_INIT[script]),
+        after_line(script, "train_loss_f = ", "; ".join(DUMP_AFTER_FIRST_STEP[script])),
     ]
     if script == "train_mlx.py":  # float32 on MLX's CPU, also on a Mac with a GPU
-        edits.append(('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)'))
+        edits.append(MLX_ON_CPU)
     folder = tmp_path / f"{rows}x{micro_batches}"
     folder.mkdir()
     path = edited_copy(folder, script, *edits)
@@ -245,6 +230,23 @@ def test_k_micro_batches_step_like_one_batch_of_k_times_the_rows(prepared_cache,
             # rounding level may step differently after the other summation order. One entry in 10,000 may.
             mismatched = ~np.isclose(got, expected, rtol=1e-4, atol=1e-6)
             assert mismatched.mean() <= 1e-4, (name, mismatched.sum(), np.abs(got - expected).max())
+
+
+def test_train_mlx_compiles_its_step_and_traces_it_once(prepared_cache, tmp_path):
+    """The training step's two functions run their Python code only while mx.compile traces them: once for the
+    whole run, not once per step (a retrace per step costs a compilation every step, and no compile at all costs
+    MLX's fusion). Counted by a side effect put into each, over 5 fixed-work steps of 2 micro-batches."""
+    need("mlx")
+    script = "train_mlx.py"
+    path = edited_copy(tmp_path, script, *model_size(script, 1, 2, 2, 128), MLX_ON_CPU,
+                       after_line(script, "COMPILE = ", "TRACES = []"),
+                       after_line(script, "def grad_step(", "TRACES.append('grad_step')", 4),
+                       after_line(script, "def optimizer_step(", "TRACES.append('optimizer_step')", 4),
+                       after_line(script, "print()  # newline after", "print('traces:', TRACES); sys.exit(0)"))
+    returncode, _, log = run_script(path, str(tmp_path), env={"AUTORESEARCH_STEPS": "5"})
+    assert returncode == 0, log[-3000:]
+    assert "Gradient accumulation steps: 2" in log and "\rstep 00004 (80.0%)" in log
+    assert "traces: ['grad_step', 'optimizer_step']" in log, log[-2000:]
 
 # ---------------------------------------------------------------------------
 # A night on a loaded machine: the machine's speed, not the code, must not decide
@@ -307,3 +309,48 @@ def test_a_baseline_run_under_load_then_a_do_nothing_commit_alone_is_not_kept(pr
     # this one)
     assert word == "rerun" and any(f"slower during the last kept commit {baseline}'s runs" in line or
                                    "the machine's speed changed" in line for line in lines), result.stdout
+
+# ---------------------------------------------------------------------------
+# Fixed-work mode: the same steps on any machine, whatever else the machine is doing
+# ---------------------------------------------------------------------------
+
+FIXED_WORK_STEPS = 3  # progress 0, 1/3, 2/3: the warmdown's first steps too
+
+
+def fixed_work_run(script, folder, load=0):
+    """A run of `script` with AUTORESEARCH_STEPS, while `load` busy loops compete for the CPU: its summary."""
+    folder.mkdir()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        returncode, log_path, log = run_script(os.path.join(ROOT, script), str(folder), env={
+            "AUTORESEARCH_STEPS": str(FIXED_WORK_STEPS), "AUTORESEARCH_EVAL_TOKENS": SMOKE_ENV["AUTORESEARCH_EVAL_TOKENS"],
+            "AUTORESEARCH_BACKEND": "cpu"})
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert returncode == 0, log[-3000:]
+    assert f"Fixed work: {FIXED_WORK_STEPS} steps" in log
+    (rec,) = run_records(log_path)
+    return dict(summary(log_path)), rec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "train_mlx.py"])
+def test_fixed_work_runs_n_steps_and_repeats_its_val_bpb_on_a_loaded_machine(prepared_cache, tmp_path, script):
+    """AUTORESEARCH_STEPS=N: exactly N optimizer steps on step / N, so the same code gives the same val_bpb on a
+    quiet CPU and on one where another program takes a core each (the clock decides nothing). The summary and the
+    record say which mode ran; it is no smoke test (only the evaluation knob is named)."""
+    need(FRAMEWORK[script])
+    if script == "train_mlx.py":
+        mx = need("mlx.core")
+        if mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            pytest.skip("MLX trains on its GPU here: the determinism promised is the CPU's")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux, macOS
+    quiet, quiet_rec = fixed_work_run(script, tmp_path / "quiet")
+    loaded, loaded_rec = fixed_work_run(script, tmp_path / "loaded", load=cores)
+    assert quiet["val_bpb"] == loaded["val_bpb"], (quiet["val_bpb"], loaded["val_bpb"])
+    for values, rec in ((quiet, quiet_rec), (loaded, loaded_rec)):
+        assert values["num_steps"] == str(FIXED_WORK_STEPS) and values["mode"] == f"steps {FIXED_WORK_STEPS}"
+        assert (rec["mode"], rec["fixed_steps"]) == (values["mode"], FIXED_WORK_STEPS)
+        assert rec["smoke"] == [f"AUTORESEARCH_EVAL_TOKENS={SMOKE_ENV['AUTORESEARCH_EVAL_TOKENS']}"]

@@ -1,5 +1,6 @@
 """train.py and train_mlx.py are one experiment: the same sizes, init, outputs, training curve and metric.
 Both run on CPU in float32 here, so any difference is a difference in the programs, not in rounding."""
+import ast
 import math
 import re
 from statistics import NormalDist
@@ -244,6 +245,193 @@ def test_fifty_optimizer_steps_follow_the_same_loss_curve():
     t_losses, m_losses = np.array(t_losses), np.array(m_losses)
     assert t_losses[-1] < t_losses[0] - 1.0, "the run must actually learn for the comparison to mean anything"
     assert np.all(np.abs(m_losses - t_losses) / t_losses <= 0.01), np.abs(m_losses - t_losses) / t_losses
+
+
+# ---------------------------------------------------------------------------
+# Everything in the agent's hands, the two files side by side: constants, schedules, the loop, the optimizer's
+# groups, the softcap. The tests above compare what the models compute; a constant a few per cent off, or a schedule
+# that differs only late in a run, would pass them. These are the shipped defaults' tests: an agent edits one trainer
+# and runs it; only this suite says that the twins now differ.
+# ---------------------------------------------------------------------------
+
+TWINS = {"train.py": train, "train_mlx.py": train_mlx}
+FRAMEWORK_ONLY = {  # module-level constants that only one trainer has, or that differ by design
+    "train.py": {"BACKEND"},  # detected; train_mlx.py's is "mlx"
+    "train_mlx.py": {"BACKEND", "COMPILE"},
+}
+
+
+def syntax(module):
+    with open(module.__file__) as f:
+        return ast.parse(f.read())
+
+
+def constants(module):
+    """The module-level UPPER_CASE assignments: name -> the expression assigned, as source."""
+    return {node.targets[0].id: ast.unparse(node.value) for node in syntax(module).body
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()}
+
+
+def test_every_hyperparameter_constant_is_the_same_in_both_trainers():
+    ours, theirs = ({name: expr for name, expr in constants(m).items() if name not in FRAMEWORK_ONLY[file]}
+                    for file, m in TWINS.items())
+    assert ours == theirs
+    assert {"EMBEDDING_LR", "MATRIX_LR", "ADAM_BETAS", "WARMDOWN_RATIO", "DEPTH", "TOTAL_BATCH_SIZE"} <= set(ours)
+    for name in ours:  # and the values they evaluate to (the tier's rows on this machine may differ by backend)
+        if "TIER" not in ours[name] and name not in ("HW", "TIER"):
+            assert getattr(train, name) == getattr(train_mlx, name), name
+
+
+def function_source(module, name):
+    """A top-level function's or class's code as ast.unparse writes it: no comments, one layout."""
+    (node,) = [n for n in syntax(module).body if getattr(n, "name", None) == name]
+    node.decorator_list = []
+    return ast.unparse(node)
+
+
+@pytest.mark.parametrize("name", ["build_model_config", "get_lr_multiplier", "get_muon_momentum", "get_weight_decay",
+                                  "has_ve", "GPTConfig"])
+def test_the_framework_free_functions_are_the_same_code(name):
+    assert function_source(train, name) == function_source(train_mlx, name)
+
+
+SCHEDULE_SETTINGS = [  # (WARMUP_RATIO, WARMDOWN_RATIO, FINAL_LR_FRAC, WEIGHT_DECAY): the shipped ones, and others
+    (train.WARMUP_RATIO, train.WARMDOWN_RATIO, train.FINAL_LR_FRAC, train.WEIGHT_DECAY),
+    (0.1, 0.3, 0.05, 0.1),
+    (0.0, 1.0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("settings", SCHEDULE_SETTINGS)
+def test_every_schedule_agrees_over_its_whole_range(settings, monkeypatch):
+    for module in TWINS.values():
+        for name, value in zip(("WARMUP_RATIO", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "WEIGHT_DECAY"), settings):
+            monkeypatch.setattr(module, name, value)
+    for progress in np.linspace(0, 1, 20001):
+        assert train.get_lr_multiplier(progress) == train_mlx.get_lr_multiplier(progress), progress
+        assert train.get_weight_decay(progress) == train_mlx.get_weight_decay(progress), progress
+    for step in range(2000):  # the momentum ramp ends at step 300
+        assert train.get_muon_momentum(step) == train_mlx.get_muon_momentum(step), step
+
+
+def main_block(module):
+    (main,) = [n for n in syntax(module).body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+    return main
+
+
+def training_loop(module):
+    (loop,) = [n for n in ast.walk(main_block(module)) if isinstance(n, ast.While)]
+    return loop
+
+
+LOOP_FRAMEWORK_ONLY = {  # statements of the training loop that are each framework's own (their unparsed start)
+    "train.py": ("for micro_step in", "optimizer.step()", "model.zero_grad(", "train_loss_f = train_loss.item()"),
+    "train_mlx.py": ("grads = None", "for micro_step in", "optimizer_step(grads)", "mx.eval(model.state, optimizer",
+                     "train_loss_f = loss.item()"),
+}
+AFTER_LOOP = ("total_tokens = ", "steady_state_mfu = ", "peak_vram_mb = ", "run.summary(")
+
+
+def test_the_training_loop_is_the_same_statements_in_both_trainers():
+    """Progress, the schedules and the arguments passed to them, the timing, the fast fail, the logging, the stop
+    rule and the summary: the same code, statement for statement, apart from each framework's own step."""
+    loops = {}
+    for file, module in TWINS.items():
+        statements = [ast.unparse(s) for s in training_loop(module).body]
+        loops[file] = [s for s in statements if not s.startswith(LOOP_FRAMEWORK_ONLY[file])]
+        assert len(statements) - len(loops[file]) == len(LOOP_FRAMEWORK_ONLY[file]), file
+    assert loops["train.py"] == loops["train_mlx.py"]
+    assert any("optimizer.set_schedule(" in s for s in loops["train.py"])
+    after = {file: [ast.unparse(s) for s in main_block(module).body if ast.unparse(s).startswith(AFTER_LOOP)]
+             for file, module in TWINS.items()}
+    assert after["train.py"] == after["train_mlx.py"] and len(after["train.py"]) == len(AFTER_LOOP)
+
+
+def main_call(module, method):
+    """The keyword arguments of the main part's call of `method`, evaluated among the module's constants."""
+    (call,) = [n for n in ast.walk(main_block(module)) if isinstance(n, ast.Call)
+               and isinstance(n.func, ast.Attribute) and n.func.attr == method]
+    assert not call.args, "keywords only: a swapped positional argument would read the same"
+    return {kw.arg: eval(compile(ast.Expression(kw.value), module.__file__, "eval"), vars(module))
+            for kw in call.keywords}
+
+
+def run_schedule_statements(module, optimizer, step, total_training_time):
+    """Run the loop's own statements from `progress = ...` through `optimizer.set_schedule(...)` at this step."""
+    body = training_loop(module).body
+    names = [ast.unparse(s) for s in body]
+    start = next(i for i, s in enumerate(names) if s.startswith("progress = "))
+    end = next(i for i, s in enumerate(names) if s.startswith("optimizer.set_schedule("))
+    code = compile(ast.Module(body=body[start:end + 1], type_ignores=[]), module.__file__, "exec")
+    exec(code, vars(module), dict(optimizer=optimizer, step=step, total_training_time=total_training_time))
+
+
+def optimizer_groups(optimizer, names):
+    """The optimizer's groups with parameters as names: everything a step reads (the initial LR is set_schedule's)."""
+    return [{k: ([names(p) for p in v] if k == "params" else v) for k, v in group.items()}
+            for group in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("fixed_steps", [0, 1000])  # timed, and fixed work (AUTORESEARCH_STEPS=1000)
+def test_the_optimizer_groups_hold_the_same_values_at_the_first_step_and_late(fixed_steps, monkeypatch):
+    """Each trainer's own setup_optimizer call (its arguments read from the main part) and its own loop statements
+    setting the schedule: the same groups, the same parameters in each, the same LR, betas, eps, weight decay,
+    momentum and Newton-Schulz steps, at step 0 and at 90 % of the run (deep in the warmdown, past the momentum
+    ramp)."""
+    tm, mm = make_pair(TINY)
+    torch_names = {id(p): name for name, p in tm.named_parameters()}
+    models = {"train.py": (tm, lambda p: torch_names[id(p)]), "train_mlx.py": (mm, lambda p: p)}
+    optimizers, groups = {}, {}
+    for file, module in TWINS.items():
+        monkeypatch.setattr(module, "FIXED_STEPS", fixed_steps)
+        model, _ = models[file]
+        optimizers[file] = model.setup_optimizer(**main_call(module, "setup_optimizer"))
+    assert main_call(train, "setup_optimizer") == main_call(train_mlx, "setup_optimizer")
+    for step, seconds in ((0, 0.0), (900, 0.9 * train.TIME_BUDGET)):
+        for file, module in TWINS.items():
+            run_schedule_statements(module, optimizers[file], step, seconds)
+            groups[file] = optimizer_groups(optimizers[file], models[file][1])
+        assert groups["train.py"] == groups["train_mlx.py"], step
+        if step:  # late: the schedules have moved every value they drive
+            assert all(g["lr"] == pytest.approx(0.2 * g["initial_lr"]) for g in groups["train.py"])
+            muon = [g for g in groups["train.py"] if g["kind"] == "muon"]
+            assert all(g["momentum"] == 0.95 and g["weight_decay"] == pytest.approx(0.2 * 0.1) for g in muon)
+    assert len(groups["train.py"]) == 5 + len({tuple(p.shape) for p in tm.transformer.h.parameters()})
+
+
+def test_the_softcap_is_the_originals_at_logits_where_it_bites():
+    """The head (final norm, lm_head, softcap, loss) with raw logits up to +-45: 15 tanh(45 / 15) is 14.93, where a
+    softcap 3 % off moves the logits, the losses and the gradients by about as much. The two frameworks agree there,
+    forward and backward (MLX's own VJP for the loss), and the cap is the original's 15."""
+    tm, mm = make_pair(TINY)
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((2, 64, TINY["n_embd"])).astype(np.float32)
+    targets = rng.integers(0, TINY["vocab_size"], (2, 64))
+    with torch.no_grad():
+        tm.lm_head.weight.copy_(torch.randn_like(tm.lm_head.weight))
+        raw = train.norm(torch.from_numpy(hidden)) @ tm.lm_head.weight.T
+        tm.lm_head.weight.mul_(45 / raw.abs().max())
+    torch_to_mlx(tm, mm)
+    x = torch.from_numpy(hidden).requires_grad_()
+    logits = tm.head(x, None, "mean")
+    assert 14.9 < logits.abs().max().item() < 14.95  # the softcap decides these values
+    loss = tm.head(x, torch.from_numpy(targets), "mean")
+    loss.backward()
+
+    def m_loss(weight, x):
+        mm.lm_head.weight = weight
+        return mm.head(x, mx.array(targets, dtype=mx.int32), "mean")
+
+    m_x = mx.array(hidden)
+    m_value, (m_grad_w, m_grad_x) = mx.value_and_grad(m_loss, argnums=(0, 1))(mm.lm_head.weight, m_x)
+    assert rel_err(np.array(mm.head(m_x, None, "mean")), logits.detach().numpy()) <= 1e-5
+    assert abs(m_value.item() - loss.item()) <= 1e-5 * loss.item()
+    for got, expected in ((m_grad_w, tm.lm_head.weight.grad), (m_grad_x, x.grad)):
+        assert rel_err(np.array(got), expected.numpy()) <= 1e-4
+    for file, module in TWINS.items():
+        (value,) = [n.value.value for n in ast.walk(syntax(module)) if isinstance(n, ast.Assign)
+                    and ast.unparse(n.targets[0]) == "softcap"]
+        assert value == 15, file
 
 
 # ---------------------------------------------------------------------------

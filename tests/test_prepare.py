@@ -74,6 +74,26 @@ def test_bad_smoke_knob_is_a_one_line_error(value):
     assert result.stderr.strip().splitlines() == [f"error: AUTORESEARCH_EVAL_TOKENS must be an integer >= 2048, got {value!r}"]
 
 
+SHOW_STEPS = "import prepare; print(prepare.FIXED_STEPS, prepare.TRAINING_MODE, prepare.SMOKE_KNOBS, sep='|')"
+
+
+@pytest.mark.parametrize("value,shown", [("", "0|time 300s|[]"), ("0", "0|time 300s|[]"),
+                                         ("200", "200|steps 200|[]")])
+def test_fixed_work_mode_is_off_by_default_and_no_smoke_test(value, shown):
+    """AUTORESEARCH_STEPS=N: exactly N optimizer steps, the schedules on step / N; unset or 0, the timed default.
+    A mode of its own (the comparability key holds it), not a smoke-test knob: its val_bpb is a real result."""
+    result = run_python(SHOW_STEPS, env={**NO_KNOBS, "AUTORESEARCH_STEPS": value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == shown
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5", "1e3"])
+def test_bad_fixed_work_steps_is_a_one_line_error(value):
+    result = run_python(SHOW_STEPS, env={**NO_KNOBS, "AUTORESEARCH_STEPS": value})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: AUTORESEARCH_STEPS must be an integer >= 0, got {value!r}"]
+
+
 def test_import_loads_neither_torch_nor_mlx():
     result = run_python("import sys, prepare; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlx')))")
     assert result.returncode == 0, result.stderr

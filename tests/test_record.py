@@ -26,13 +26,16 @@ VALUES = dict(val_bpb=1.2345678, training_seconds=300.04, total_seconds=400.26, 
 ORIGINAL_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
                  "num_steps", "num_params_M", "depth"]  # the original's summary, in its order, after `---`
 KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "harness", "dataset", "data",
-                        "machine_speed"]
+                        "machine_speed", "mode"]
 
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
-    """Run in an empty folder with no smoke knobs, no swap readings, no evaluation notes and no prepared data."""
+    """Run in an empty folder with no smoke knobs, timed, no swap readings, no evaluation notes and no prepared
+    data."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "FIXED_STEPS", 0)
+    monkeypatch.setattr(prepare, "TRAINING_MODE", "time 300s")
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 2560})
@@ -67,8 +70,21 @@ def test_summary_prints_the_originals_lines_first_then_ours(in_tmp, capsys):
         "mfu_percent": "12.35", "total_tokens_M": "0.041", "num_steps": "20", "num_params_M": "3.5", "depth": "2",
         "backend": "cpu", "chip": "Test Chip", "startup_seconds": "70.1", "eval_seconds": "30.1",
         "harness": record.harness_fingerprint(), "dataset": prepare.DATASET, "data": "-",  # no data prepared here
-        "machine_speed": "95.0",
+        "machine_speed": "95.0", "mode": "time 300s",
     }
+
+
+def test_the_mode_line_and_the_record_say_a_fixed_work_run_ran(in_tmp, monkeypatch, capsys):
+    """AUTORESEARCH_STEPS=200: the summary says so, and the record holds the mode and N (the verdict's
+    comparability key); no warning, since a fixed-work run is a real result."""
+    monkeypatch.setattr(prepare, "FIXED_STEPS", 200)
+    monkeypatch.setattr(prepare, "TRAINING_MODE", "steps 200")
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**{**VALUES, "num_steps": 200})
+    lines = summary_lines(capsys.readouterr().out)
+    assert [key for key, _ in lines] == KEYS and dict(lines)["mode"] == "steps 200"
+    (rec,) = runs(in_tmp)
+    assert (rec["mode"], rec["fixed_steps"], rec["smoke"], rec["warnings"]) == ("steps 200", 200, [], [])
 
 
 def test_total_tokens_m_shows_a_short_run(in_tmp, capsys):
@@ -92,6 +108,7 @@ def test_the_record_holds_what_the_summary_printed(in_tmp, capsys):
     assert rec["trainer"] == "train.py" and rec["trainer_sha"] == record.fingerprint(["train.py"], ROOT)
     assert re.fullmatch(r"[0-9a-f]{8}", rec["trainer_sha"]) and re.fullmatch(r"[0-9a-f]{8}", rec["harness"])
     assert rec["smoke"] == [] and rec["warnings"] == [] and rec["swap_mb"] is None and rec["swapped"] is False
+    assert rec["fixed_steps"] == 0  # timed
     assert rec["eval_rows"] == rec["eval_distinct_rows"] == 2560
     assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - 11) / 300.0)  # steps 0-10 are not timed
     assert rec["time"][:4].isdigit() and rec["total_seconds"] == 400.3

@@ -97,3 +97,21 @@ def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]
+
+
+def collected(*args):
+    """The test ids pytest collects from tests/ with these arguments (collection only: cheap)."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args,
+                             "tests"], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [line for line in result.stdout.splitlines() if "::" in line]
+
+
+def test_the_fast_loop_keeps_a_test_of_every_file():
+    """`uv run pytest -m "not slow"`, the README's fast loop: the tests marked slow stay out, and every test file
+    keeps at least one test of its contracts."""
+    everything, fast = collected(), collected("-m", "not slow")
+    files = lambda ids: {test_id.split("::")[0] for test_id in ids}
+    assert files(fast) == files(everything) == {f"tests/{name}" for name in os.listdir(os.path.join(ROOT, "tests"))
+                                                if name.startswith("test_") and name.endswith(".py")}
+    assert len(fast) < len(everything)  # the marker is in use
