@@ -10,7 +10,7 @@ Usage:
 
 Data, tokenizer and token ids live in ~/.cache/autoresearch/ (AUTORESEARCH_CACHE_DIR moves it). The trainers use the
 dataset prepared last, or the one AUTORESEARCH_DATASET names.
-Framework-neutral: batches are numpy arrays; torch or mlx is imported only inside evaluate_bpb.
+Framework-neutral: batches are numpy arrays, and evaluate_bpb takes the model as a function of numpy rows.
 """
 
 import os
@@ -1017,77 +1017,54 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 # Evaluation (DO NOT CHANGE — this is the fixed metric)
 # ---------------------------------------------------------------------------
 
-last_evaluation = {}  # rows and distinct_rows of the latest evaluate_bpb: the summary warns when they differ
-
-
-def evaluate_bpb(model, tokenizer, batch_size, reuse_compiled=False):
+def evaluate_bpb(losses, tokenizer, batch_size, rows_per_call=None):
     """
     Bits per byte (BPB): vocab size-independent evaluation metric.
     Sums per-token cross-entropy (in nats), sums target byte lengths,
     then converts nats/byte to bits/byte. Special tokens (byte length 0)
     are excluded from both sums.
     Uses fixed MAX_SEQ_LEN and EVAL_TOKENS // MAX_SEQ_LEN validation rows, whatever batch_size is,
-    so results are comparable across configs. Works for a PyTorch or an MLX model called as
-    model(x, y, reduction="none") -> per-token losses (B, T).
-    A validation shard smaller than EVAL_TOKENS is read more than once. last_evaluation then says how many rows
-    the shard's documents filled before one had to be used again: every document placed in a row starts with BOS,
-    so a row past that point holds more document starts than the shard has documents. (The loader's epoch cannot
-    tell: its buffer reads up to 1000 documents ahead, so a shard of fewer documents reports epoch 2 at once.)
-    reuse_compiled (PyTorch): call the model as the training loop does, with all batch_size rows of a batch (the last
-    batch too) and autograd on, and detach its losses. Graphs that torch.compile built for training then serve the
-    evaluation: under no_grad, or for another number of rows, it would compile every one of them again. The model
-    must then keep its logits' memory in bounds itself, as a compiled head does; the 1 GiB split is for eager ones.
+    so results are comparable across configs.
+    losses(x, y) is the trainer's model: int64 numpy rows of inputs and targets in, their per-token losses in nats
+    out as a numpy array. It gets each batch rows_per_call rows at a time: by default as many as hold at most 1 GiB
+    of float32 logits (a 24 GB Mac's Metal buffer limit is ~14 GB); a model that bounds its logits itself may take
+    whole batches. Rows of the last batch past EVAL_TOKENS are not counted.
     """
     token_bytes = get_token_bytes()
     num_rows = EVAL_TOKENS // MAX_SEQ_LEN
-    # a 24 GB Mac's Metal buffer limit is ~14 GB: never hold more than ~1 GiB of float32 logits
-    chunk_rows = batch_size if reuse_compiled else max(1, 2**30 // (MAX_SEQ_LEN * tokenizer.get_vocab_size() * 4))
-    torch = sys.modules.get("torch")  # an MLX user may not have torch installed: never import it here
-    if torch is not None and isinstance(model, torch.nn.Module):
-        device = next(model.parameters()).device
-        grad_mode = torch.enable_grad if reuse_compiled else torch.no_grad
-
-        def losses(x, y):
-            with grad_mode():
-                loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="none")
-            return loss.detach().float().cpu().numpy()
-    elif reuse_compiled:
-        raise ValueError("reuse_compiled is for PyTorch models: MLX's evaluation keeps the 1 GiB split")
-    else:
-        import mlx.core as mx
-
-        def losses(x, y):
-            loss = model(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), reduction="none")
-            mx.eval(loss)
-            return np.array(loss.astype(mx.float32))
-
+    rows_per_call = rows_per_call or max(1, 2**30 // (MAX_SEQ_LEN * tokenizer.get_vocab_size() * 4))
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    val_documents = sum(sum(row_groups) for _, _, row_groups in _token_shards(tokenizer, "val"))
-    bos = tokenizer.get_bos_token_id()
     total_nats = 0.0  # float64 on the host: the same weights give the same number twice
     total_bytes = 0
-    rows_done = 0
-    documents_used = 0
-    distinct_rows = num_rows  # rows filled before a validation document had to be used a second time
-    while rows_done < num_rows:
+    for first in range(0, num_rows, batch_size):
         x, y, _ = next(val_loader)
-        rows = min(batch_size, num_rows - rows_done)  # the last batch may be partial
-        starts = (x[:rows] == bos).sum(axis=1) + (y[:rows, -1] == bos)  # documents begun in each row
-        used = documents_used + np.cumsum(starts)
-        if distinct_rows == num_rows and used[-1] > val_documents:
-            distinct_rows = rows_done + int(np.argmax(used > val_documents))
-        documents_used = int(used[-1])
-        for i in range(0, rows, chunk_rows):
-            xc, yc = x[i:min(i + chunk_rows, rows)], y[i:min(i + chunk_rows, rows)]
-            # a compiled model sees every row of the batch: fewer would be a new shape to compile
-            loss = losses(x, y) if reuse_compiled else losses(xc, yc)
-            loss = loss.reshape(-1, yc.shape[1])[:len(yc)].astype(np.float64)
-            nbytes = token_bytes[yc]
+        counted = min(batch_size, num_rows - first)  # the last batch may be partial
+        for i in range(0, counted, rows_per_call):
+            xc, yc = x[i:i + rows_per_call], y[i:i + rows_per_call]
+            loss = losses(xc, yc).reshape(yc.shape)[:counted - i].astype(np.float64)
+            nbytes = token_bytes[yc[:counted - i]]
             total_nats += float(loss[nbytes > 0].sum())
             total_bytes += int(nbytes.sum())
-        rows_done += rows
-    last_evaluation.update(rows=num_rows, distinct_rows=distinct_rows)
     return total_nats / (math.log(2) * total_bytes)
+
+
+def evaluation_rows():
+    """(the rows evaluate_bpb reads, how many of them it reads before a validation document has to be used a second
+    time). They differ when the validation shard is smaller than EVAL_TOKENS: every document placed in a row starts
+    with BOS, so a row past that point holds more document starts than the shard has documents. (The loader's epoch
+    cannot tell: its buffer reads up to 1000 documents ahead, so a shard of fewer documents reports epoch 2 at once.)"""
+    tokenizer = Tokenizer.from_directory()
+    num_rows = EVAL_TOKENS // MAX_SEQ_LEN
+    documents = sum(sum(row_groups) for _, _, row_groups in _token_shards(tokenizer, "val"))
+    val_loader = make_dataloader(tokenizer, 1, MAX_SEQ_LEN, "val")
+    bos = tokenizer.get_bos_token_id()
+    used = 0  # documents begun so far
+    for row in range(num_rows):
+        x, y, _ = next(val_loader)
+        used += int((x == bos).sum() + (y[0, -1] == bos))
+        if used > documents:
+            return num_rows, row
+    return num_rows, num_rows
 
 # ---------------------------------------------------------------------------
 # Main

@@ -379,6 +379,21 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
+def evaluate(model, tokenizer, batch_size, compiled=False):
+    """val_bpb of the model: evaluate_bpb, fed numpy rows. An eager model runs under no_grad, in evaluate_bpb's chunks
+    of at most 1 GiB of float32 logits. A compiled one is called as training calls it, with whole batches and autograd
+    on, so that its training graphs serve (under no_grad, or with fewer rows, each would compile again); its compiled
+    head bounds the logits itself."""
+    device = model.lm_head.weight.device
+
+    def losses(x, y):
+        loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), reduction="none")
+        return loss.detach().float().cpu().numpy()
+
+    with torch.set_grad_enabled(compiled):
+        return evaluate_bpb(losses, tokenizer, batch_size, rows_per_call=batch_size if compiled else None)
+
+
 if __name__ == "__main__":
     t_start = time.time()
     run = start_run(__file__, BACKEND, HW)  # runs.jsonl gets a record of this run, however it ends
@@ -531,11 +546,8 @@ if __name__ == "__main__":
     # Final eval
     t_eval = time.time()
     model.eval()
-    # On CUDA through the training's compiled blocks: the same rows a call and autograd on, so that nothing but the
-    # head (per-token losses) compiles again, faster than eager (docs/measurements.md). Elsewhere eager, in chunks
-    # that keep the float32 logits small.
-    with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE, reuse_compiled=BACKEND == "cuda")
+    with autocast_ctx:  # on CUDA through the training's compiled graphs: only the head compiles again
+        val_bpb = evaluate(model, tokenizer, DEVICE_BATCH_SIZE, compiled=BACKEND == "cuda")
     sync_device(BACKEND)
     eval_seconds = time.time() - t_eval
 

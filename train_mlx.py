@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache, partial
 
+import numpy as np
+
 try:
     import mlx.core as mx
     import mlx.nn as nn
@@ -19,6 +21,7 @@ except ImportError:
     sys.exit("error: mlx is not installed: run `uv sync --extra mlx`")
 
 from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
+from backends.gradcheck import check_gradients, hand_gradient
 from backends.muon_mlx import MuonAdamW
 from backends.record import start_run
 from prepare import FIXED_STEPS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
@@ -106,7 +109,9 @@ def attention(q, k, v, window):
     return fn(q, k, v) if fused_backward else mx.checkpoint(fn)(q, k, v)
 
 
-@mx.custom_function
+# @hand_gradient marks a forward whose gradient is written by hand (its .vjp): change one, change the other. As the
+# run starts, check_gradients compares each with MLX's autodiff of its forward and stops the run if they disagree.
+@hand_gradient
 def embedding_lookup(weight, idx):
     return weight[idx]
 
@@ -127,7 +132,7 @@ def chunks(a, n):
     return [a[i:i + size] for i in range(0, a.shape[0], size)]
 
 
-@mx.custom_function
+@hand_gradient
 def lm_head_cross_entropy(x, weight, targets, softcap, n_chunks):
     """Per-token cross-entropy (float32) of the softcapped logits softcap * tanh(x @ weight.T / softcap), for x of
     shape (tokens, n_embd), computed n_chunks slices of the tokens at a time: what lm_head, `.astype(float32)`,
@@ -174,7 +179,7 @@ def lm_head_cross_entropy_vjp(primals, cotangents, outputs):
     return mx.concatenate(grad_x), grad_w.astype(weight.dtype), mx.zeros_like(targets), None, None
 
 
-@mx.custom_function
+@hand_gradient
 def relu_squared(x):
     # relu(x)^2, written so that mx.compile makes it one kernel (square(relu(x)) compiles to two)
     return mx.where(x > 0, x * x, 0)
@@ -466,6 +471,15 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
+def evaluate(model, tokenizer, batch_size):
+    """val_bpb of the model: evaluate_bpb, fed numpy rows."""
+    def losses(x, y):
+        loss = model(mx.array(x, dtype=mx.int32), mx.array(y, dtype=mx.int32), reduction="none")
+        return np.array(loss.astype(mx.float32))
+
+    return evaluate_bpb(losses, tokenizer, batch_size)
+
+
 if __name__ == "__main__":
     t_start = time.time()
     run = start_run(__file__, BACKEND, HW)  # runs.jsonl gets a record of this run, however it ends
@@ -485,6 +499,7 @@ if __name__ == "__main__":
     model = GPT(config)
     model.init_weights(dtype=compute_dtype)
     mx.eval(model.parameters())
+    check_gradients(model, vocab_size)  # the @hand_gradient VJPs against autodiff: a wrong one stops the run here
 
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
@@ -612,7 +627,7 @@ if __name__ == "__main__":
 
     # Final eval
     t_eval = time.time()
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate(model, tokenizer, DEVICE_BATCH_SIZE)
     sync_device(BACKEND)
     eval_seconds = time.time() - t_eval
 

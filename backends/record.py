@@ -217,14 +217,17 @@ class Run:
                   (int if fmt == "d" else float)(printed[key]) for key, fmt in SUMMARY}
         timed_steps = num_steps - 11  # steps 0-10 are not timed (the training loop's rule)
         tokens_per_sec = total_tokens_M * 1e6 / num_steps * timed_steps / training_seconds if training_seconds else 0
-        evaluation = prepare.last_evaluation
+        try:
+            eval_rows, distinct_rows = prepare.evaluation_rows()
+        except prepare.PrepareError:
+            eval_rows = distinct_rows = None  # no data: not a trainer's run (those stop without data)
         warnings = [w for w in (
             prepare.SMOKE_TEST_WARNING,
             (f"swapped {self.swap_mb:.0f} MB during training: val_bpb is not comparable"
              if self.swap_mb is not None and self.swap_mb >= SWAP_WARN_MB else None),
-            (f"the evaluation repeated validation text: {evaluation['rows']} rows read, only "
-             f"{evaluation['distinct_rows']} before the validation shard ran out (prepare more validation data)"
-             if evaluation and evaluation["distinct_rows"] < evaluation["rows"] else None),
+            (f"the evaluation repeated validation text: {eval_rows} rows read, only "
+             f"{distinct_rows} before the validation shard ran out (prepare more validation data)"
+             if distinct_rows is not None and distinct_rows < eval_rows else None),
         ) if w]
         print("---")
         for key, _ in SUMMARY:
@@ -234,7 +237,7 @@ class Run:
         sys.stdout.flush()
         self._write("ok", **{k: v for k, v in values.items() if k not in self.record and k not in machine}, **machine,
                     tokens_per_sec=round(tokens_per_sec), swap_mb=self.swap_mb,
-                    eval_rows=evaluation.get("rows"), eval_distinct_rows=evaluation.get("distinct_rows"),
+                    eval_rows=eval_rows, eval_distinct_rows=distinct_rows,
                     warnings=warnings)
 
     # -- the end of a run that printed no summary --

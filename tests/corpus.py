@@ -3,6 +3,7 @@ Test helpers for prepare.py: a synthetic climbmix-style corpus, a local HTTP sha
 with injectable faults, and the reference data loader that the fast one must match.
 """
 
+import math
 import os
 import random
 import socket
@@ -271,3 +272,29 @@ def reference_dataloader(tokenizer, B, T, split, buffer_size=1000):
                 row[pos:pos + len(doc)] = doc
                 pos += len(doc)
         yield rows[:, :-1].copy(), rows[:, 1:].copy(), epoch
+
+# ---------------------------------------------------------------------------
+# Reference metric: evaluate_bpb written out from its definition
+# ---------------------------------------------------------------------------
+
+def reference_bpb(tokenizer, losses, batch_size, rows_per_call=16, dtype=np.float64):
+    """What evaluate_bpb must return, to the last bit. EVAL_TOKENS // MAX_SEQ_LEN validation rows from the reference
+    loader, in batches of batch_size, given to losses(x, y) rows_per_call rows at a time (16 rows of float32 logits at
+    vocab 8192 are 1 GiB). Each call's sum is taken in float64 (or dtype) over the tokens of its counted rows whose
+    target stands for at least one byte of text (the special tokens stand for none); the sums are added in call order,
+    the bytes are counted from the tokenizer's own tokens, and nats / (ln 2 * bytes) is the answer."""
+    enc = tokenizer.enc
+    special = {enc.encode_single_token(name) for name in prepare.SPECIAL_TOKENS}
+    token_bytes = np.array([0 if i in special else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+    num_rows = prepare.EVAL_TOKENS // prepare.MAX_SEQ_LEN
+    loader = reference_dataloader(tokenizer, batch_size, prepare.MAX_SEQ_LEN, "val")
+    nats, nbytes = dtype(0), 0
+    for first in range(0, num_rows, batch_size):
+        x, y, _ = next(loader)
+        for i in range(0, min(batch_size, num_rows - first), rows_per_call):
+            loss = np.asarray(losses(x[i:i + rows_per_call], y[i:i + rows_per_call]), dtype=dtype)
+            counted = y[i:min(i + rows_per_call, num_rows - first)]
+            loss = loss.reshape(-1, prepare.MAX_SEQ_LEN)[:len(counted)]
+            nats += loss[token_bytes[counted] > 0].sum()
+            nbytes += token_bytes[counted].sum()
+    return float(nats / (math.log(2) * nbytes))

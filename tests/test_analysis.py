@@ -134,7 +134,7 @@ def test_a_harness_change_is_never_compared(tmp_path):
     assert returncode == 1 and out == ""
     (line,) = err.splitlines()
     assert line.startswith("error: runs.jsonl:4: not comparable: HEAD bbbbbbb ran with harness 22222222")
-    assert f"git checkout {BASE} -- prepare.py analysis.py backends pyproject.toml uv.lock" in line
+    assert f"git checkout {BASE} -- prepare.py analysis.py hub.py backends pyproject.toml uv.lock" in line
 
 
 @pytest.mark.parametrize("last,expected", [

@@ -62,7 +62,7 @@ def untrained_bpb(prepared_cache):
         torch.manual_seed(42)
         model = train.GPT(train.build_model_config(train.DEPTH, tokenizer.get_vocab_size()))
         model.init_weights(dtype=torch.float32)
-        return prepare.evaluate_bpb(model, tokenizer, 1)
+        return train.evaluate(model, tokenizer, 1)
     finally:
         prepare.EVAL_TOKENS = old
 

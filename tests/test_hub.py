@@ -35,7 +35,7 @@ def recording(monkeypatch):
     monkeypatch.setattr(prepare, "DATASET", "climbmix")
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
-    monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2, "distinct_rows": 2})
+    monkeypatch.setattr(prepare, "evaluation_rows", lambda: (2, 2))
     monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
     monkeypatch.setattr(record, "machine_speed", lambda backend: 100.0)
     return monkeypatch

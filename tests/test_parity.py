@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 import prepare
 import train
 import train_mlx
+from corpus import reference_bpb
 from tests.compute_dtype import norm_probe
 from tests.convert import mlx_to_torch, torch_to_mlx
 
@@ -452,26 +453,39 @@ def eval_setup(prepared_cache, monkeypatch):
 
 def test_evaluate_bpb_is_the_same_number_for_both_frameworks(eval_setup):
     tokenizer, tm, mm = eval_setup
-    t_bpb = prepare.evaluate_bpb(tm, tokenizer, 3)
-    m_bpb = prepare.evaluate_bpb(mm, tokenizer, 3)
+    t_bpb = train.evaluate(tm, tokenizer, 3)
+    m_bpb = train_mlx.evaluate(mm, tokenizer, 3)
     assert math.isfinite(t_bpb) and t_bpb > 0
     assert abs(t_bpb - m_bpb) <= 1e-4
 
 
 def test_evaluate_bpb_ignores_batch_size_and_is_deterministic(eval_setup):
     tokenizer, tm, _ = eval_setup
-    values = [prepare.evaluate_bpb(tm, tokenizer, bs) for bs in (1, 3, 8)]
+    values = [train.evaluate(tm, tokenizer, bs) for bs in (1, 3, 8)]
     assert max(values) - min(values) <= 1e-6 * values[0], values
-    assert prepare.evaluate_bpb(tm, tokenizer, 3) == prepare.evaluate_bpb(tm, tokenizer, 3)
+    assert train.evaluate(tm, tokenizer, 3) == train.evaluate(tm, tokenizer, 3)
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])  # 6 rows: whole batches, and a last batch of 2 counted rows
+def test_evaluate_bpb_of_a_fixed_model_is_the_metric_written_out_to_the_last_bit(eval_setup, batch_size):
+    # A pinned model (seed 0, perturbed) through train.py's evaluation: the value the metric defines, bit for bit
+    tokenizer, tm, _ = eval_setup
+
+    def losses(x, y):
+        with torch.no_grad():
+            return tm(torch.from_numpy(x), torch.from_numpy(y), reduction="none").numpy()
+
+    assert train.evaluate(tm, tokenizer, batch_size) == reference_bpb(tokenizer, losses, batch_size)
 
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the CPU window mask
 def test_evaluate_bpb_runs_through_the_training_graphs_of_train_pys_compiled_model(eval_setup):
-    # train.py on CUDA compiles each block and the head for training, then evaluates with reuse_compiled: only the
-    # head compiles again (per-token losses), even with a last batch of fewer rows, and the number is the eager one.
+    # train.py on CUDA compiles each block and the head for training, then evaluates with whole batches and autograd
+    # on: only the head compiles again (per-token losses), even with a last batch of fewer rows, and the number is
+    # the eager one.
     from torch._dynamo.utils import counters
     tokenizer, tm, _ = eval_setup
-    eager = prepare.evaluate_bpb(tm, tokenizer, 4)
+    eager = train.evaluate(tm, tokenizer, 4)
     torch._dynamo.reset()
     counters.clear()
     for block in tm.transformer.h:
@@ -481,7 +495,7 @@ def test_evaluate_bpb_runs_through_the_training_graphs_of_train_pys_compiled_mod
     tm(torch.from_numpy(x), torch.from_numpy(y)).backward()
     assert counters["stats"]["unique_graphs"] == 3  # (S, no value embedding), (L, value embedding), the head
     tm.eval()
-    compiled = prepare.evaluate_bpb(tm, tokenizer, 4, reuse_compiled=True)  # 6 rows: batches of 4 and 2
+    compiled = train.evaluate(tm, tokenizer, 4, compiled=True)  # 6 rows: batches of 4, the last with 2 counted
     assert counters["stats"]["unique_graphs"] == 4
     assert compiled == pytest.approx(eager, rel=1e-6)
     torch._dynamo.reset()

@@ -1,6 +1,6 @@
 """
 prepare.py's contracts: the fixed constants, the tokenizer, the data loader (row for row the same as the
-original algorithm), evaluate_bpb for PyTorch and MLX, --source, reruns, and the one-line errors a trainer
+original algorithm), the metric evaluate_bpb, --source, reruns, and the one-line errors a trainer
 gets when the cache is not ready. The download path is in test_download.py.
 """
 
@@ -24,9 +24,8 @@ import pytest
 import tiktoken
 
 import prepare
-from conftest import need
 from corpus import (CAPPED_WORD, COMMON_WORD, ROOT, VAL_ONLY_WORD, make_docs, make_multilingual_docs,
-                    reference_dataloader, run_prepare, run_python, use_cache, write_shard)
+                    reference_bpb, reference_dataloader, run_prepare, run_python, use_cache, write_shard)
 
 UNREACHABLE = {"AUTORESEARCH_DATA_URL": "http://127.0.0.1:9"}  # any download attempt would fail
 
@@ -760,77 +759,73 @@ def test_help_documents_the_options():
         assert what in line, line
 
 # ---------------------------------------------------------------------------
-# evaluate_bpb: one metric for PyTorch and MLX
+# evaluate_bpb: the fixed metric, for any model given as a function of numpy rows
 # ---------------------------------------------------------------------------
 
 def loss_table():
-    # a per-token "loss" that depends on the target id only: the exact BPB can be computed from the rows alone
-    table = (np.arange(8192) % 13 + 1).astype(np.float32) / 4
-    table[8188:] = 1e6  # special tokens: must be left out of the sum
+    # a per-token "loss" that depends on the target id only: the exact BPB can be computed from the rows alone. Its
+    # values span 2**-30 to 2**10: a float64 sum keeps the small ones, a float32 sum loses them
+    table = np.exp2(np.random.default_rng(0).uniform(-30, 10, 8192)).astype(np.float32)
+    table[8188:] = 1e30  # special tokens: must be left out of the sum
     return table
 
 
-def expected_bpb(tokenizer, num_rows):
-    rows = reference_dataloader(tokenizer, 1, prepare.MAX_SEQ_LEN, "val")
-    token_bytes = prepare.get_token_bytes()
-    nats, nbytes = 0.0, 0
-    for _ in range(num_rows):
-        _, y, _ = next(rows)
-        keep = token_bytes[y] > 0
-        nats += loss_table()[y][keep].astype(np.float64).sum()
-        nbytes += token_bytes[y].sum()
-    return nats / (math.log(2) * nbytes)
+class TableModel:
+    """losses(x, y) for evaluate_bpb: loss_table()[y], noting how many rows each call had."""
+
+    def __init__(self):
+        self.table = loss_table()
+        self.calls = []
+
+    def __call__(self, x, y):
+        assert x.dtype == y.dtype == np.int64 and x.shape == y.shape and x.shape[1] == prepare.MAX_SEQ_LEN
+        self.calls.append(len(x))
+        return self.table[y].reshape(-1)  # flat, like the original's cross_entropy(..., reduction='none')
 
 
-@pytest.fixture
-def torch_model():
-    torch = need("torch")
-
-    class TableModel(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.from_numpy(loss_table()))
-            self.calls = []
-            self.autograd = False  # what evaluate_bpb must call it with
-
-        def forward(self, x, y, reduction="mean"):
-            assert reduction == "none" and x.dtype == y.dtype == torch.int64
-            assert x.device == self.table.device and torch.is_grad_enabled() == self.autograd
-            self.calls.append(x.shape[0])
-            return self.table[y].view(-1)  # flat, like the original's cross_entropy(..., reduction='none')
-
-    return TableModel()
+@pytest.mark.parametrize("batch_size,rows", [(1, 5), (3, 5), (7, 5), (20, 20), (20, 37), (3, 37)])
+def test_bpb_is_the_metric_written_out_to_the_last_bit(tokenizer, monkeypatch, batch_size, rows):
+    # Batches smaller, larger and not a divisor of the rows; batches of 20 go in calls of 16 and 4 (1 GiB of logits)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", rows * prepare.MAX_SEQ_LEN + 100)
+    expected = reference_bpb(tokenizer, TableModel(), batch_size)
+    assert prepare.evaluate_bpb(TableModel(), tokenizer, batch_size) == expected
+    # the test can fail: summed in float32 (on the device, say) the number is another, and counting the special
+    # tokens' 1e30 losses would make it huge
+    assert reference_bpb(tokenizer, TableModel(), batch_size, dtype=np.float32) != expected
+    assert 0 < expected < 1000
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
-def test_bpb_uses_the_same_rows_for_every_batch_size(tokenizer, torch_model, monkeypatch, batch_size):
+def test_bpb_uses_the_same_rows_for_every_batch_size(tokenizer, monkeypatch, batch_size):
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 5 * prepare.MAX_SEQ_LEN + 100)  # 5 rows, whatever the batch size
-    bpb = prepare.evaluate_bpb(torch_model, tokenizer, batch_size)
-    assert sum(torch_model.calls) == 5
-    assert bpb == pytest.approx(expected_bpb(tokenizer, 5), rel=1e-12)
+    model = TableModel()
+    bpb = prepare.evaluate_bpb(model, tokenizer, batch_size)
+    assert model.calls == [batch_size] * (5 // batch_size) + [batch_size] * (5 % batch_size > 0)  # whole batches
+    assert bpb == pytest.approx(prepare.evaluate_bpb(TableModel(), tokenizer, 1), rel=1e-12)
 
 
-def test_bpb_splits_batches_to_bound_logit_memory(tokenizer, torch_model, monkeypatch):
+def test_bpb_splits_batches_to_bound_logit_memory(tokenizer, monkeypatch):
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 20 * prepare.MAX_SEQ_LEN)
-    bpb = prepare.evaluate_bpb(torch_model, tokenizer, 20)
-    assert torch_model.calls == [16, 4]  # 16 rows x 2048 x 8192 x 4 bytes = 1 GiB of logits at most
-    assert bpb == prepare.evaluate_bpb(torch_model, tokenizer, 20)  # deterministic, to the last bit
-    assert bpb == pytest.approx(expected_bpb(tokenizer, 20), rel=1e-12)
+    model = TableModel()
+    bpb = prepare.evaluate_bpb(model, tokenizer, 20)
+    assert model.calls == [16, 4]  # 16 rows x 2048 x 8192 x 4 bytes = 1 GiB of logits at most
+    assert bpb == prepare.evaluate_bpb(TableModel(), tokenizer, 20)  # deterministic, to the last bit
 
 
-def test_bpb_reusing_compiled_graphs_calls_the_model_as_training_does(tokenizer, torch_model, monkeypatch):
-    # train.py on CUDA: every call gets all batch_size rows, the last batch's too, with autograd on (a torch.compile
+def test_bpb_gives_a_model_that_bounds_its_logits_whole_batches(tokenizer, monkeypatch):
+    # train.py's compiled model on CUDA: every call gets all batch_size rows, the last batch's too (a torch.compile
     # graph built for training then serves it); the rows past EVAL_TOKENS are left out, so the number is the same.
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 5 * prepare.MAX_SEQ_LEN)
-    torch_model.autograd = True
-    bpb = prepare.evaluate_bpb(torch_model, tokenizer, 3, reuse_compiled=True)
-    assert torch_model.calls == [3, 3]
-    assert bpb == pytest.approx(expected_bpb(tokenizer, 5), rel=1e-12)
+    model = TableModel()
+    bpb = prepare.evaluate_bpb(model, tokenizer, 3, rows_per_call=3)
+    assert model.calls == [3, 3]
+    assert bpb == reference_bpb(tokenizer, TableModel(), 3, rows_per_call=3)
+    assert bpb == pytest.approx(prepare.evaluate_bpb(TableModel(), tokenizer, 1), rel=1e-12)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 20 * prepare.MAX_SEQ_LEN)
-    torch_model.calls.clear()
-    assert prepare.evaluate_bpb(torch_model, tokenizer, 20, reuse_compiled=True) == pytest.approx(
-        expected_bpb(tokenizer, 20), rel=1e-12)
-    assert torch_model.calls == [20]  # no 1 GiB split: a compiled head bounds its logits itself
+    model.calls.clear()
+    assert prepare.evaluate_bpb(model, tokenizer, 20, rows_per_call=20) == reference_bpb(
+        tokenizer, TableModel(), 20, rows_per_call=20)
+    assert model.calls == [20]  # no 1 GiB split
 
 
 def document_starts_per_row(tokenizer, num_rows):
@@ -844,57 +839,28 @@ def document_starts_per_row(tokenizer, num_rows):
     return counts
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_bpb_notes_when_the_evaluation_repeats_validation_text(tokenizer, torch_model, monkeypatch, batch_size):
-    """A validation shard smaller than EVAL_TOKENS is read more than once; the summary warns from what this notes:
-    the rows filled before the shard's documents ran out (a row past them begins more documents than it has)."""
+def test_evaluation_rows_say_when_the_evaluation_repeats_validation_text(tokenizer, monkeypatch):
+    """A validation shard smaller than EVAL_TOKENS is read more than once; the summary warns from this: the rows
+    filled before the shard's documents ran out (a row past them begins more documents than it has)."""
     val = pq.ParquetFile(os.path.join(prepare.DATA_DIR, prepare.VAL_FILENAME)).metadata.num_rows
     starts = np.cumsum(document_starts_per_row(tokenizer, 200))
     assert starts[-1] > val  # the small test shard runs out well before 200 rows
     distinct = int(np.argmax(starts > val))  # rows 0..distinct-1 use each document at most once
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 200 * prepare.MAX_SEQ_LEN)
-    prepare.evaluate_bpb(torch_model, tokenizer, batch_size)
-    assert prepare.last_evaluation == {"rows": 200, "distinct_rows": distinct}
+    assert prepare.evaluation_rows() == (200, distinct)
     assert 10 < distinct < 200
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 3 * prepare.MAX_SEQ_LEN)  # well inside the shard
-    prepare.evaluate_bpb(torch_model, tokenizer, batch_size)
-    assert prepare.last_evaluation == {"rows": 3, "distinct_rows": 3}
+    assert prepare.evaluation_rows() == (3, 3)
 
 
-def test_bpb_for_an_mlx_model_matches_torch(tokenizer, torch_model, monkeypatch):
-    mx = need("mlx.core")
-    nn = need("mlx.nn")
-
-    class TableModel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = mx.array(loss_table())
-
-        def __call__(self, x, y, reduction="mean"):
-            assert reduction == "none" and x.dtype == y.dtype == mx.int32
-            return self.table[y]
-
-    monkeypatch.setattr(prepare, "EVAL_TOKENS", 3 * prepare.MAX_SEQ_LEN)
-    bpb = prepare.evaluate_bpb(TableModel(), tokenizer, 2)
-    assert bpb == prepare.evaluate_bpb(torch_model, tokenizer, 2)
-    assert bpb == pytest.approx(expected_bpb(tokenizer, 3), rel=1e-12)
-    with pytest.raises(ValueError, match="reuse_compiled is for PyTorch models"):
-        prepare.evaluate_bpb(TableModel(), tokenizer, 2, reuse_compiled=True)
-
-
-def test_bpb_for_an_mlx_model_never_imports_torch(prepared_cache):
-    need("mlx")
+def test_bpb_imports_no_framework(prepared_cache):
+    # the metric is numpy only: an MLX user may not have torch installed, a CUDA user may not have MLX
     code = """
-import sys, mlx.core as mx, mlx.nn as nn, prepare
-class Uniform(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = mx.zeros((1,))
-    def __call__(self, x, y, reduction="mean"):
-        return mx.full(y.shape, 2.0) + self.w
-print(prepare.evaluate_bpb(Uniform(), prepare.Tokenizer.from_directory(), 4), "torch" in sys.modules)
+import sys, numpy as np, prepare
+print(prepare.evaluate_bpb(lambda x, y: np.full(y.shape, 2.0, np.float32), prepare.Tokenizer.from_directory(), 4),
+      "torch" in sys.modules, "mlx" in sys.modules)
 """
     result = run_python(code, env={"AUTORESEARCH_EVAL_TOKENS": str(2 * prepare.MAX_SEQ_LEN)})
     assert result.returncode == 0, result.stderr
-    bpb, torch_loaded = result.stdout.split()
-    assert float(bpb) > 0 and torch_loaded == "False"
+    bpb, torch_loaded, mlx_loaded = result.stdout.split()
+    assert float(bpb) > 0 and torch_loaded == mlx_loaded == "False"

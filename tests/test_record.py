@@ -31,14 +31,14 @@ KEYS = ORIGINAL_KEYS + ["backend", "chip", "startup_seconds", "eval_seconds", "h
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
-    """Run in an empty folder with no smoke knobs, timed, no swap readings, no evaluation notes and no prepared
-    data."""
+    """Run in an empty folder with no smoke knobs, timed, no swap readings, an evaluation that read no text twice
+    and no prepared data."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare, "FIXED_STEPS", 0)
     monkeypatch.setattr(prepare, "TRAINING_MODE", "time 300s")
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
-    monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 2560})
+    monkeypatch.setattr(prepare, "evaluation_rows", lambda: (2560, 2560))
     monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
     def unprepared():  # whether another test prepared the session's cache or not
         raise prepare.PrepareError("error: no data")
@@ -146,7 +146,7 @@ def test_a_record_starts_on_a_fresh_line_after_a_torn_one_and_reaches_the_disk(i
 def test_smoke_knobs_and_evaluation_repeats_are_warnings(in_tmp, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", ["AUTORESEARCH_TIME_BUDGET=5"])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", "smoke test (AUTORESEARCH_TIME_BUDGET=5): val_bpb is not comparable")
-    monkeypatch.setattr(prepare, "last_evaluation", {"rows": 2560, "distinct_rows": 1488})
+    monkeypatch.setattr(prepare, "evaluation_rows", lambda: (2560, 1488))
     run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
     run.summary(**VALUES)
     lines = summary_lines(capsys.readouterr().out)
@@ -157,6 +157,16 @@ def test_smoke_knobs_and_evaluation_repeats_are_warnings(in_tmp, monkeypatch, ca
     (rec,) = runs(in_tmp)
     assert rec["smoke"] == ["AUTORESEARCH_TIME_BUDGET=5"] and rec["warnings"] == [smoke, repeats]
     assert (rec["eval_rows"], rec["eval_distinct_rows"]) == (2560, 1488)
+
+def test_without_prepared_data_the_record_has_no_evaluation_rows(in_tmp, monkeypatch, capsys):
+    def unprepared():
+        raise prepare.PrepareError("error: no data")
+    monkeypatch.setattr(prepare, "evaluation_rows", unprepared)
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**VALUES)
+    assert "warning" not in [key for key, _ in summary_lines(capsys.readouterr().out)]
+    (rec,) = runs(in_tmp)
+    assert rec["eval_rows"] is None and rec["eval_distinct_rows"] is None and rec["warnings"] == []
 
 # ---------------------------------------------------------------------------
 # Swap watchdog
