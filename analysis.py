@@ -81,7 +81,7 @@ BAND_SIGMAS = 2     # progress.png's noise band: the running best +- this many s
 # less (an H200: 4.4% from the lowest to the highest of 30); another program on the GPU cut them by 60%. Tighter
 # would flag quiet runs; looser would let a machine a few per cent faster pass for a gain (bench_verdict.py).
 SPEED_TOLERANCE = 0.05
-# A CPU shared with the OS and other programs scatters more: 86-98 GFLOP/s quiet on 2 cores (README)
+# A CPU shared with the OS and other programs scatters more: about +-5% quiet on 2 cores (docs/measurements.md)
 CPU_SPEED_TOLERANCE = 0.15
 
 

@@ -63,9 +63,8 @@ def has_ve(layer_idx, n_layer):
 def apply_rotary_emb(x, cos, sin):
     # Half-split layout with the original's sign convention (a rotation by -theta): [x1 cos + x2 sin, x2 cos - x1 sin].
     # Written with roll instead of the original's slices and cat: the same products and sums, bit-identical, but
-    # inductor fuses the backward with qk-norm's into one kernel without per-half masked copies, which Triton builds in
-    # ~1 s instead of ~9 s (H200, depth 10, cold caches: first backward 22.4 -> 9.2 s; a forward and backward at batch
-    # 128: 259 -> 247 ms).
+    # inductor fuses the backward with qk-norm's into one kernel without per-half masked copies, which Triton builds
+    # several times faster, at every edit of the model (docs/measurements.md).
     d = x.shape[3] // 2
     return x * torch.cat([cos, cos], 3) + x.roll(d, 3) * torch.cat([sin, -sin], 3)
 
@@ -452,10 +451,10 @@ if __name__ == "__main__":
     if BACKEND == "cuda":
         # Regional compilation (MPS and CPU run eager: inductor does not help there). Each block and the head compile
         # on their own, and the blocks share one compiled graph per variant (window, value embedding or not): a few
-        # blocks' worth of compilation instead of the whole unrolled model. On one H200 an edited model's run cost
-        # 40.0 s beyond its training instead of 101.5 s, for 3% of training speed (fusion stops at block borders).
-        # Static shapes: with dynamic=True a new DEPTH or batch would reuse the cached graphs, but on an H200 the steps
-        # ran 39% slower and the first compile took twice as long (README).
+        # blocks' worth of compilation instead of the whole unrolled model: an edited model's run costs less than half
+        # as much beyond its training, for a few per cent of training speed (fusion stops at block borders).
+        # Static shapes: with dynamic=True a new DEPTH or batch would reuse the cached graphs, but the steps ran
+        # slower and the first compile took longer (docs/measurements.md).
         for block in model.transformer.h:
             block.compile(dynamic=False)
         model.head = torch.compile(model.head, dynamic=False)

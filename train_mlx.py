@@ -74,7 +74,7 @@ def windowed_attention(q, k, v, window, sdpa, chunk=1024):
     `window` see every earlier key: one causal call. The later ones go in chunks of `chunk` queries, each against
     only the window + chunk keys it can see, all chunks side by side in the batch axis of one masked call. A mask
     skips no work: one masked call would compute all T x T scores; at window T/2 these calls compute 2.5/4 of them
-    (H200, B=16, one layer forward and backward: 1.97 ms instead of 2.12; causal takes 1.54)."""
+    (timings in docs/measurements.md)."""
     B, H, T, D = q.shape
     head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], mask="causal")
     chunk = min(chunk, T - window)
@@ -119,8 +119,8 @@ def embedding_lookup(weight, idx):
 @embedding_lookup.vjp
 def embedding_lookup_vjp(primals, cotangent, output):
     # Sum the gradient rows of repeated tokens in float32, stored afterwards in the table's dtype. The default
-    # scatter-adds in the table's dtype: bf16 atomics on the many repeats of real text are slow (H100, one
-    # 32x2048 batch: 15.7 ms instead of 0.6 ms per table) and round at every add.
+    # scatter-adds in the table's dtype: bf16 atomics on the many repeats of real text are slow (about 25 times,
+    # docs/measurements.md) and round at every add.
     weight, idx = primals
     grad = mx.zeros(weight.shape, mx.float32).at[idx].add(cotangent.astype(mx.float32))
     return grad.astype(weight.dtype), mx.zeros_like(idx)
@@ -155,8 +155,8 @@ def lm_head_cross_entropy_vjp(primals, cotangents, outputs):
     # (cast, scaled, tanh, softmax) for the backward: 64 MiB each per 2048-token row at vocab 8192. Here only the
     # logits are kept (2 bytes each in bf16), and each slice turns into gradients at once: d loss / d capped =
     # softmax - onehot, d capped / d logits = 1 - tanh^2, and the softmax comes from the saved loss (loss =
-    # logsumexp - capped target). Recomputing the logits instead would keep less (H200 tier step: 507 ms instead of
-    # 500, 2 GB less at batch 128).
+    # logsumexp - capped target). Recomputing the logits instead would keep less memory but take longer a step
+    # (docs/measurements.md).
     # Each slice waits for the one before: MLX schedules independent work breadth-first (up to 20 wide), which would
     # run the slices side by side and hold all their gradients at once.
     x, weight, targets, softcap, n_chunks = primals

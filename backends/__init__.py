@@ -235,33 +235,16 @@ def count_parameters(depth, vocab_size=8192):
 #   logits      = B*T * V * LOGIT_BYTES       lm_head output, fp32 copy, softcap, log-softmax and their grads
 #   overhead    = OVERHEAD_GB                 framework, allocator slack, RoPE tables, the batch (for MLX's CUDA
 #                                            build: the inputs its queued CUDA graphs hold)
-# PyTorch. Calibration: torch.cuda.max_memory_allocated (GiB) after two AdamW steps of a re-implementation of the
-# original GPT, V 8192, T 2048, on one H100 with torch 2.11 (depth/B: peak):
-#   compiled, flash attention, bf16 (the original's setup)   8/64: 22.26   8/128: 43.94   4/128: 14.08
-#     (the original's README: peak_vram_mb 45060.2 = 44.0 GiB at 8/128, so the stand-in is faithful)
-#   eager, math-path attention, fp32 (MPS on M1: hungriest)  8/8: 11.61    8/16: 22.59    4/8: 4.46
-#   eager, math-path attention, bf16 (MPS on M2 and later)   8/8: 10.43    8/16: 20.30    4/8: 4.15
-#   eager, flash attention, bf16 (no scores kept)            8/16: 11.55   8/32: 22.54    4/16: 5.94
-# Fitted by depth and batch, then rounded up: estimates land 6-15% above the compiled points and 6-34% above the
-# eager ones.
+# PyTorch: fitted to peaks measured on an H100 in four setups (compiled and eager, bf16 and fp32), then rounded up,
+# so the estimates err high (the points: docs/memory-and-tiers.md).
 # MLX (train_mlx.py) keeps less than eager PyTorch: relu^2 keeps only its input, the loss keeps the logits in the
 # compute dtype and makes their float32 softcap for 1/8 of the tokens at a time, and attention keeps no scores
 # (fused on CUDA, recomputed per layer elsewhere).
-# Calibration: MLX 0.32.4's CUDA build, bf16, one H200, V 8192, T 2048, MLX_MAX_MB_PER_BUFFER=100 (see
-# bound_mlx_graph_memory), peak_vram_mb (= mx.get_peak_memory()) of a 60-second run or of
-# benchmarks/bench_mlx_memory.py's two compiled steps (depth/B: MiB):
-#   8/16: 7616 (run)   8/32: 13762 (bench)   8/64: 26255 (bench)   8/128: 52161 (run)   4/32: 5886 (bench)
-# Fitted: ACT_WIDTHS 24, LOGIT_BYTES 4, and 1 GiB for what the queued CUDA graphs hold (at 25 MB a graph, the step
-# peaked 676 MiB lower at 8/16; without it the 4/32 point lies above its estimate); the estimates land 7-18% above
-# these points. MLX's default of 1000 MB per CUDA graph had held ~9 GB of graph inputs on top: 17.3 GB at 8/16.
-# MLX's CPU build keeps the same ~23 widths per layer (float32 there, so twice the bytes). Metal was not measured (no
-# Mac): it gets the same widths and the same 1 GiB overhead (its command buffers hold ~40-50 MB each), plus its
-# attention term. On Metal, MLX runs attention unfused whenever gradients are needed
-# (mlx/backend/metal/scaled_dot_product_attention.cpp: use_fallback() is true while training); train_mlx.py then
-# recomputes it in the backward (mx.checkpoint), so one layer's scores and their gradients exist at a time: 4.5
-# B*H*T*T elements of the compute dtype at the peak for a full layer (a windowed one, in chunks, has fewer),
-# measured on MLX's CPU build, which runs the same unfused ops (bf16: 9 bytes). The float32 compute of an M1 and of
-# the CPU doubles the widths and the scores.
+# Fitted to peaks of MLX's CUDA build on an H200 (with MLX_MAX_MB_PER_BUFFER=100, see bound_mlx_graph_memory; the
+# 1 GiB overhead is what its queued CUDA graphs hold); the estimates err high. MLX's CPU build keeps the same widths
+# (float32 there). Metal was not measured (no Mac): the same widths and overhead, plus one layer's unfused attention
+# (recomputed per layer in the backward, 9 bytes per score in bf16, measured on the CPU build). The float32 compute
+# of an M1 and of the CPU doubles the widths and the scores. The points and the fit: docs/memory-and-tiers.md.
 STATE_BYTES = 16
 OVERHEAD_GB = 1.0
 PROFILES = {
@@ -314,8 +297,8 @@ def estimate_memory_gb(depth, device_batch_size, seq_len=MAX_SEQ_LEN, vocab_size
 #   cuda      8       128          2**19       the original (H100, 44 GiB measured)
 #   cpu       2         1          2048        smoke tests only
 # Then device_batch_size halves (and after it reaches 1, depth drops) until the estimate fits memory_fraction of
-# memory: half on a Mac, where unified memory swaps instead of failing (one user's M5 Max reached 94 GB and 95 s
-# a step), 85% of a CUDA card, which fails fast with an out-of-memory error instead. Every total is a power of two
+# memory: half on a Mac, where unified memory swaps instead of failing (docs/memory-and-tiers.md), 85% of a CUDA
+# card, which fails fast with an out-of-memory error instead. Every total is a power of two
 # at least device_batch_size * MAX_SEQ_LEN, so halving keeps total % (device_batch_size * MAX_SEQ_LEN) == 0.
 TIER_DEFAULTS = {
     "base": (4, 8, 2**16),
@@ -445,10 +428,8 @@ def bound_mlx_graph_memory():
     """MLX's CUDA build records kernels into CUDA graphs of up to 1000 MB of inputs (on an H100 or H200) and keeps
     every input of a graph alive until the GPU has run it, with up to 11 graphs queued ahead of the GPU
     (mlx/backend/cuda/device.cpp, eval.cpp, transforms.cpp): gigabytes held beyond what the step needs. Smaller
-    graphs free them sooner: train_mlx.py's step at depth 8, batch 16 on an H200 peaked at 17,342 MiB with 1000 MB
-    (an earlier version of the step). Today's step there, best of 3 x 40 steps: 42.2-42.5 ms and 7,616 MiB with
-    100 MB, 44.6-44.8 ms and 6,940 MiB with 25 (more, smaller graphs: more host work for each step, which the GPU
-    waits for at this batch), 43.8 ms and 8,525 MiB with 200. MLX reads the variable once, at its first GPU
+    graphs free them sooner, but more, smaller graphs mean more host work a step: 100 MB gave the fastest step
+    measured, within 10% of the least memory (docs/measurements.md). MLX reads the variable once, at its first GPU
     operation: call this before it. Metal keeps its own small command buffers (40-50 MB), so macOS is left alone; a
     value the user set is kept."""
     if _platform() != "darwin":

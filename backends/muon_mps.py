@@ -8,8 +8,8 @@ Differences from the original, all numerical hygiene, none in the math:
   parameter in its own dtype (bf16 embeddings stay bf16). This also keeps lerp_ off half-precision
   tensors, which PyTorch's MPS backend gets wrong.
 - Newton-Schulz runs in bf16 only on CUDA (see CUDA_NS_DTYPE).
-- The steps run eagerly everywhere: on CUDA, compiling them took ~30 s at every edit that changes the
-  model's shapes (H200), and saved an estimated 1% of a step (~400 small kernels).
+- The steps run eagerly everywhere: on CUDA, compiling them cost far more at every edit that changes the
+  model's shapes than the ~1% of a step it saved (docs/measurements.md).
 
 The training loop calls set_schedule(...) once per step; it reaches every group.
 """

@@ -29,7 +29,7 @@ SIGMA = 0.01   # about what program.md reports for two MLX runs of the same code
 GAINS = (-0.01, 0.0, 0.005, 0.01, 0.02, 0.03)  # true gains, in val_bpb (positive: the idea helps)
 # Drift, per machine: (name, sigma, val_bpb change per unit of log machine speed, relative scatter of one speed
 # reading). An H200's 30-s runs made 100 steps instead of 56 while another program shared the GPU: 0.145 lower,
-# 0.25 per unit, at sigma 0.0006 (README's "Machine drift"); its readings scatter 1.2%. The Mac's 0.1 is an
+# 0.25 per unit, at sigma 0.0006 (docs/measurements.md, "Machine drift"); its readings scatter 1.2%. The Mac's 0.1 is an
 # assumption for 5-minute runs (longer runs are less steep), with the 2% scatter of a quiet 2-core CPU.
 DRIFT_MACHINES = (("a Mac, 5-min runs", SIGMA, 0.1, 0.02), ("an H200, 30-s runs", 0.0006, 0.25, 0.012))
 SLOWDOWN = (0.5, 0.9)  # busy: uniform in this range. Slower by less than the tolerance is beyond what the readings tell

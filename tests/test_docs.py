@@ -1,8 +1,11 @@
-"""README.md and program.md are contracts too. Every shell command in them is listed in COMMANDS with the test
-or CI step that runs it, and the ones nothing else runs are run here: `python -m backends`, `prepare.py --help`,
+"""README.md, program.md and docs/ are contracts too. Every shell command in them is listed in COMMANDS with the
+test or CI step that runs it, and the ones nothing else runs are run here: `python -m backends`, `prepare.py --help`,
 the install commands (as a dry run), the agent's git workflow and its grep lines against a real run.log. The
-tier table, the example outputs and the summary keys they show are compared with what the code produces."""
+tier table, the example outputs and the summary keys they show are compared with what the code produces. README
+and program.md stay short (an agent pays for program.md's every word each night), and no document points outside
+the repository."""
 import contextlib
+import glob
 import io
 import json
 import os
@@ -20,6 +23,15 @@ import backends
 README = os.path.join(ROOT, "README.md")
 PROGRAM = os.path.join(ROOT, "program.md")
 CI_RUN = os.path.join(ROOT, ".ci", "run")
+DOCS_DIR = os.path.join(ROOT, "docs")
+BACKENDS_DOC = os.path.join(DOCS_DIR, "backends.md")
+TIERS_DOC = os.path.join(DOCS_DIR, "memory-and-tiers.md")
+DATASETS_DOC = os.path.join(DOCS_DIR, "datasets.md")
+RUN_RECORD_DOC = os.path.join(DOCS_DIR, "run-record.md")
+FLEET_DOC = os.path.join(DOCS_DIR, "fleet.md")
+DOCS = [README, PROGRAM] + sorted(glob.glob(os.path.join(DOCS_DIR, "*.md")))
+README_MAX_WORDS = 2000   # the original's README is about 1,200
+PROGRAM_MAX_WORDS = 1500  # the agent reads all of it at the start of every night
 
 # ---------------------------------------------------------------------------
 # Every command in the docs, and where it runs
@@ -33,7 +45,7 @@ TIMEOUT_TEST = "tests/test_docs.py::test_timeout_stops_a_run_and_leaves_a_crash_
 FLEET_SETUP = "tests/test_hub.py::test_the_readmes_fleet_setup_makes_a_hub_that_refuses_rewrites"
 FLEET_NIGHT = "tests/test_hub.py::test_program_mds_fleet_commands_in_a_night_of_two_agents"
 COMMANDS = {
-    # README.md
+    # README.md and docs/
     "uv run train.py": ("tests/conftest.py::torch_run", "tests/conftest.py::mlx_run"),
     "uv run pytest -v": (".ci/run",),
     'uv run pytest -m "not slow"': ("tests/test_suite.py::test_the_fast_loop_keeps_a_test_of_every_file",),
@@ -87,7 +99,7 @@ COMMANDS = {
     "tail -n 1 runs.jsonl": ("tests/test_docs.py::test_the_last_run_record",),
     "git rev-parse --short=7 HEAD": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
     "git reset --hard <kept>": ("tests/test_docs.py::test_git_workflow_keeps_and_discards_commits",),
-    # README.md and program.md: the fleet
+    # docs/fleet.md and program.md: the fleet
     "git init --bare /Volumes/shared/fleet.git": (FLEET_SETUP,),
     "git -C /Volumes/shared/fleet.git config receive.denyNonFastForwards true": (FLEET_SETUP,),
     "git -C /Volumes/shared/fleet.git config receive.denyDeletes true": (FLEET_SETUP,),
@@ -150,19 +162,23 @@ def section(text, heading):
 
 
 def test_every_fenced_block_says_whether_it_is_commands_or_output():
-    for path in (README, PROGRAM):
+    for path in DOCS:
         for lang, body in fenced_blocks(read(path)):
             assert lang in ("bash", "text"), (path, lang, body[:80])
 
 
-@pytest.mark.parametrize("path", [README, PROGRAM], ids=os.path.basename)
+def test_the_docs_folder_is_read():
+    assert {BACKENDS_DOC, TIERS_DOC, DATASETS_DOC, RUN_RECORD_DOC, FLEET_DOC} <= set(DOCS)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
 def test_every_command_in_the_docs_is_run_by_a_test_or_by_ci(path):
     for command in doc_commands(path):
         assert command in COMMANDS, f"{os.path.basename(path)}: {command!r} is not in COMMANDS: say what runs it"
 
 
 def test_the_allow_list_names_real_tests_and_ci_lines_and_nothing_stale():
-    documented = set(doc_commands(README)) | set(doc_commands(PROGRAM))
+    documented = set().union(*(doc_commands(path) for path in DOCS))
     assert set(COMMANDS) == documented, set(COMMANDS) ^ documented
     ci_lines = [line.strip() for line in read(CI_RUN).splitlines()]
     for command, refs in COMMANDS.items():
@@ -174,6 +190,99 @@ def test_the_allow_list_names_real_tests_and_ci_lines_and_nothing_stale():
             else:
                 path, name = ref.split("::")
                 assert re.search(rf"^def {name}\(", read(os.path.join(ROOT, path)), re.MULTILINE), ref
+
+# ---------------------------------------------------------------------------
+# Length, and references that stay inside the repository
+# ---------------------------------------------------------------------------
+
+def wc_words(path):
+    """Words as `wc -w` counts them: runs of characters between ASCII whitespace."""
+    with open(path, "rb") as f:
+        return len(re.findall(rb"[^ \t\n\r\v\f]+", f.read()))
+
+
+def test_wc_words_counts_as_wc_does(tmp_path):
+    sample = tmp_path / "sample.md"
+    sample.write_text("# A title\n\n| a | b |\n`uv run x`, and\tmore:\u00e9t\u00e9  --\n")
+    assert wc_words(str(sample)) == 14
+    if shutil.which("wc"):
+        result = subprocess.run(["wc", "-w", str(sample)], capture_output=True, text=True, env={"LC_ALL": "C"})
+        assert int(result.stdout.split()[0]) == 14
+
+
+@pytest.mark.parametrize("path, limit", [(README, README_MAX_WORDS), (PROGRAM, PROGRAM_MAX_WORDS)],
+                         ids=["README.md", "program.md"])
+def test_readme_and_program_md_stay_short(path, limit):
+    words = wc_words(path)
+    assert words <= limit, f"{os.path.basename(path)}: {words} words, over {limit}: move detail into docs/"
+
+
+def test_program_md_is_self_contained():
+    """The agent reads program.md alone: it must not send the agent to another document for its rules."""
+    program = read(PROGRAM)
+    assert "README" not in program and "docs/" not in program
+    assert not re.search(r"\]\((?!https?://)[^)]*\)", program), "program.md links to a file of the repository"
+
+
+def markdown_files():
+    """Every markdown file of the repository, outside hidden folders (.git, .venv) and caches."""
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("node_modules", "__pycache__")]
+        found += [os.path.join(folder, name) for name in files if name.endswith(".md")]
+    return sorted(found)
+
+
+def test_markdown_files_are_the_docs():
+    """Every document is under the checks above (the commands it shows, the words it uses)."""
+    assert set(markdown_files()) == set(DOCS), set(markdown_files()) ^ set(DOCS)
+
+
+# Paths of the machines this project was developed on, or of anyone's home folder: a user has none of them. The one
+# home path a document may name is the cache's real default, and ~/corpus, the user's own text in an example.
+OUTSIDE = re.compile(r"(?<![\w.])\.\./|(?<![\w.~])/(?:work|tmp|home|Users|root|mnt|scratch|shared)/|~/(?!\.cache/autoresearch\b|corpus\b)")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
+def test_no_document_points_outside_the_repository(path):
+    for number, line in enumerate(read(path).splitlines(), 1):
+        m = OUTSIDE.search(line)
+        assert not m, f"{os.path.relpath(path, ROOT)}:{number}: {m.group(0)!r} names a path outside the repository"
+
+
+def test_the_outside_pattern_catches_what_it_should():
+    for bad in ("see ../shared/data/x", "[a](../README.md)", "in /work/main/.venv", "/tmp/run.log", "~/src/data",
+                "/home/me/corpus", "`/Users/me`"):
+        assert OUTSIDE.search(bad), bad
+    for good in ("~/.cache/autoresearch/", "--source ~/corpus", "docs/backends.md", "/proc/meminfo", "2.5/4",
+                 "https://github.com/karpathy/autoresearch"):
+        assert not OUTSIDE.search(good), good
+
+
+def heading_anchors(text):
+    """GitHub's anchors for the headings of a markdown file (lowercase, punctuation dropped, spaces as hyphens)."""
+    text = FENCE.sub("", text)
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+def test_heading_anchors_are_githubs():
+    assert heading_anchors("# PyTorch on CUDA: what a run costs\n## The `uv` way, step 2\n") == {
+        "pytorch-on-cuda-what-a-run-costs", "the-uv-way-step-2"}
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
+def test_every_relative_link_resolves_to_a_file_of_the_repository(path):
+    text = FENCE.sub("", read(path))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"(https?|mailto):", target):
+            continue
+        file_part, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        assert os.path.commonpath([ROOT, linked]) == ROOT, (path, target, "outside the repository")
+        assert os.path.isfile(linked), (os.path.relpath(path, ROOT), target, "no such file")
+        if anchor:
+            assert anchor in heading_anchors(read(linked)), (os.path.relpath(path, ROOT), target, "no such heading")
 
 # ---------------------------------------------------------------------------
 # README.md
@@ -214,8 +323,7 @@ def summary_lines(text):
 
 @pytest.mark.slow
 def test_python_m_backends_prints_the_fields_the_readme_shows():
-    readme = read(README)
-    example = next(body for lang, body in fenced_blocks(section(readme, "Backends")) if lang == "text")
+    example = next(body for lang, body in fenced_blocks(read(BACKENDS_DOC)) if lang == "text")
     result = subprocess.run([sys.executable, "-m", "backends"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     printed = dict(summary_lines(result.stdout))
@@ -248,7 +356,7 @@ def markdown_table(text, header_word):
 
 
 def test_tier_table_is_what_suggest_hyperparameters_returns():
-    header, rows = markdown_table(section(read(README), "Backends"), "DEVICE_BATCH_SIZE")
+    header, rows = markdown_table(read(TIERS_DOC), "DEVICE_BATCH_SIZE")
     assert header == ["tier", "chips", "backend", "memory (GB)", "DEPTH", "DEVICE_BATCH_SIZE", "TOTAL_BATCH_SIZE",
                       "estimate (GB)"]
     as_int = lambda cell: 2 ** int(cell[3:]) if cell.startswith("2**") else int(cell)
@@ -274,19 +382,19 @@ def test_prepare_help_lists_every_option_the_readme_names():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--help"], cwd=ROOT, text=True,
                             capture_output=True, env={**os.environ, "COLUMNS": "1000"}, timeout=120)
     assert result.returncode == 0, result.stderr
-    data = section(read(README), "Data")
+    data = read(DATASETS_DOC)
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", data))
     assert {"--source", "--num-shards"} <= options
     for option in options:
         assert option in result.stdout, option
     for fact in (".parquet", "`text`", ".jsonl", ".txt", "blank lines", "<|endoftext|>", "shard_06542.parquet",
                  "val/valid/validation", "EVAL_TOKENS", "a fifth", "-1 = all"):
-        assert fact in result.stdout, fact  # the README describes --source's formats as --help does
+        assert fact in result.stdout, fact  # docs/datasets.md describes --source's formats as --help does
 
 
 def test_environment_variables_in_the_docs_exist_in_the_code():
     code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/__init__.py", "hub.py"))
-    for path in (README, PROGRAM):
+    for path in DOCS:
         for name in set(re.findall(r"\b(?:AUTORESEARCH_[A-Z_]+|HF_ENDPOINT)\b", read(path))):
             assert f'"{name}"' in code, (os.path.basename(path), name)
 
@@ -331,8 +439,8 @@ def test_example_summary_has_the_keys_a_real_run_prints(torch_run):
     assert set(real[warnings:]) == {"warning"}
     example = example_summary()
     assert [key for key, _ in example] == real[:warnings]
-    # the README's explanation of the output covers the same keys, warning included (once: it may repeat)
-    _, rows = markdown_table(section(read(README), "The output"), "meaning")
+    # docs/run-record.md's explanation of the output covers the same keys, warning included (once: it may repeat)
+    _, rows = markdown_table(section(read(RUN_RECORD_DOC), "The summary"), "meaning")
     assert [row[0].strip("`") for row in rows] == ["---"] + real[:warnings + 1]
 
 

@@ -18,7 +18,7 @@ import hub
 import prepare
 from backends import record
 from conftest import ROOT, python_env
-from test_docs import PROGRAM, README, doc_commands, fenced_blocks, read, section
+from test_docs import FLEET_DOC, PROGRAM, doc_commands, fenced_blocks, read, section
 
 HUB_PY = os.path.join(ROOT, "hub.py")
 ANALYSIS = os.path.join(ROOT, "analysis.py")
@@ -48,7 +48,7 @@ def git_env(home):
 
 
 def bare_hub(path):
-    """A hub as the README sets one up: a bare repository that refuses forced pushes and deletions."""
+    """A hub as docs/fleet.md sets one up: a bare repository that refuses forced pushes and deletions."""
     subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True)
     for key in ("receive.denyNonFastForwards", "receive.denyDeletes"):
         subprocess.run(["git", "-C", str(path), "config", key, "true"], check=True)
@@ -450,8 +450,7 @@ def as_run(command, **names):
 
 
 def test_the_readmes_fleet_setup_makes_a_hub_that_refuses_rewrites(tmp_path, recording):
-    (setup, _), (board, _) = [(body, lang) for lang, body in fenced_blocks(section(read(README), "The fleet: many "
-                                                                                                  "agents, one hub"))]
+    (setup, _), (board, _) = [(body, lang) for lang, body in fenced_blocks(read(FLEET_DOC))]
     lines = setup.splitlines()
     assert len(lines) == 4 and lines[-1].startswith("git remote add hub ")
     shared = str(tmp_path / "shared" / "fleet.git")
