@@ -23,7 +23,8 @@ Machine drift: every record holds the machine's speed as training began and as i
 fixed matmul: it does not depend on the code under test). Runs count only while the machine was steady (the two
 readings agree within the tolerance) and ran at the speed of HEAD's latest run (within the tolerance). When the
 last kept commit has no such run, the verdict is rerun and names the drift: in a time-budgeted run a faster machine
-makes more steps, and its val_bpb would pass for a gain (or a slower one for a loss).
+makes more steps, and its val_bpb would pass for a gain (or a slower one for a loss). A fixed-work run trains the
+same steps at any speed, so its machine's speed changes only its time and is never held against it.
 
 Noise: sigma, the pooled standard deviation of val_bpb over the groups of runs of identical code (the same trainer
 fingerprint) among them: sqrt(sum over groups of the squared deviations from the group's mean / dof), with
@@ -263,9 +264,10 @@ def speed(record):
 
 
 def unsteady(record):
-    """How much the machine's speed changed during the run, as a fraction, when more than its tolerance."""
+    """How much the machine's speed changed during the run, as a fraction, when more than its tolerance (never for
+    fixed work, whose val_bpb does not depend on the speed)."""
     readings = record.get("machine_speeds") or []
-    if len(readings) == 2 and min(readings) > 0:
+    if len(readings) == 2 and min(readings) > 0 and not record.get("fixed_steps"):
         change = max(readings) / min(readings) - 1
         return change if change > tolerance(record) else None
     return None
@@ -278,10 +280,10 @@ def speed_change(a, b):
 
 def agrees(record, reference):
     """Whether a run's machine was steady and as fast as the reference speed (unknown speeds agree: records from
-    before the calibration, or a reading that failed)."""
+    before the calibration, or a reading that failed; fixed work agrees at any speed)."""
     if unsteady(record) is not None:
         return False
-    return (speed(record) is None or reference is None
+    return (record.get("fixed_steps") or speed(record) is None or reference is None
             or abs(speed_change(speed(record), reference)) <= tolerance(record))
 
 

@@ -553,6 +553,23 @@ def test_a_fixed_work_run_is_never_compared_with_a_timed_one(tmp_path):
     assert changed["commit"] == IDEA and changed["differs"] == ["mode"] and "fixed work of 200 steps" in changed["setup"]
 
 
+def test_a_fixed_work_run_does_not_care_how_fast_the_machine_was(tmp_path):
+    """Fixed work trains the same steps on the same schedule at any speed: a machine that slowed down during the
+    run, or ran slower for the baseline, changes its time and not its val_bpb. The verdict judges the code, and the
+    report marks no drift."""
+    fixed = {"mode": "steps 200", "fixed_steps": 200}
+    rows, records = baseline_session()
+    records = [{**r, **fixed, **at(100.0)} for r in records]
+    word, lines = verdict(rows, records + [rec(IDEA, 0.5, **fixed, **at(100.0, 150.0))])
+    assert word == "keep", lines
+    word, lines = verdict(rows, records + [rec(IDEA, 0.5, **fixed, **at(40.0))])
+    assert word == "keep" and not any("machine ran" in line for line in lines), lines
+    write(tmp_path, rows + [row(IDEA, 0.5, "keep")], records + [rec(IDEA, 0.5, **fixed, **at(40.0, 60.0))])
+    returncode, out, err = cli(tmp_path, "--json")
+    assert returncode == 0, err
+    assert json.loads(out)["drifted"] == []
+
+
 def test_the_report_marks_drifted_runs(tmp_path):
     rows, records = night()
     records = [{**r, **at(100.0)} for r in records]
