@@ -1,5 +1,5 @@
 """The suite itself: no test assumes the machine it runs on. The README's CPU/NVIDIA quick start installs PyTorch
-alone (`uv sync --extra mps`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
+alone (`uv sync --extra torch`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
 through PYTHONPATH (`pip install --target`); the suite must collect and run on each, skipping by name what needs a
 framework that is not there."""
 import importlib.util
