@@ -95,7 +95,7 @@ def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
     that is there, so no warning about a missing torch lands in the output the tests read."""
     need("mlx")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_record.py",
-                             "-k", "sigterm or bounds_mlx"], cwd=ROOT, env=hiding(tmp_path, "torch"),
+                             "-k", "sigterm or leaves_the_environment"], cwd=ROOT, env=hiding(tmp_path, "torch"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]
