@@ -287,7 +287,7 @@ def agrees(record, reference):
             or abs(speed_change(speed(record), reference)) <= tolerance(record))
 
 
-def counts(record):
+def trustworthy(record):
     """A finished run from a clean commit that did not swap: its val_bpb can be compared."""
     return record["status"] == "ok" and not record["dirty"] and not record.get("swapped")
 
@@ -402,7 +402,7 @@ def verdict(rows, records, head, branch=None):
                          f"next: log it with status rerun; close other programs, let the machine settle, and run "
                          f"HEAD again, unchanged"], stored
     now = speed(last)
-    same_setup = [r for r in records if counts(r) and setup(r) == setup(last)]
+    same_setup = [r for r in records if trustworthy(r) and setup(r) == setup(last)]
     comparable = [r for r in same_setup if agrees(r, now)]
     groups = {}
     for r in comparable:

@@ -54,8 +54,8 @@ import tempfile
 import time
 
 import analysis
-import backends
 from analysis import InputError, warn
+from backends.device import detect_backend
 
 HUB = "hub"               # the remote's name
 RESULTS = "results"       # the hub's branches of run files: results/<agent>
@@ -270,7 +270,7 @@ def agent_name(records=None):
                              f"ends), e.g. studio-mlx-2")
         return name
     records = analysis.read_runs() if records is None else records
-    backend = records[-1]["backend"] if records else backends.detect_backend()
+    backend = records[-1]["backend"] if records else detect_backend()
     return f"{slug(socket.gethostname().split('.')[0], 30) or 'host'}-{backend}"
 
 
@@ -450,7 +450,7 @@ def fleet(entries, events, now, recent=RECENT):
     """The board as one dict: per setup its baseline, sigma and best kept commits; the ideas tried recently; the open
     claims; the gains confirmed on a second setup."""
     commits = {}  # (agent, tag, commit): its runs in the order of its night's results.tsv
-    counted = lambda e: analysis.counts(e["record"]) and e["row"]["status"] != "crash"
+    counted = lambda e: analysis.trustworthy(e["record"]) and e["row"]["status"] != "crash"
     baselines = {}  # (agent, tag): the night's first commit with a result
     for entry in sorted(entries, key=lambda e: (e["agent"], e["tag"], e["row"]["line"])):
         night = (entry["agent"], entry["tag"])

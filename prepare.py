@@ -61,6 +61,7 @@ def _env_int(name, default, minimum):
 
 MAX_SEQ_LEN = 2048       # context length
 TIME_BUDGET = _env_int("AUTORESEARCH_TIME_BUDGET", 300, 1)  # training time budget in seconds (5 minutes)
+UNTIMED_STEPS = 11       # steps 0-10 (compilation, warmup) are not timed: TIME_BUDGET starts after them
 EVAL_TOKENS = _env_int("AUTORESEARCH_EVAL_TOKENS", 10 * 524288, MAX_SEQ_LEN)  # val tokens; one value for every chip
 # Fixed-work mode: exactly this many optimizer steps, every schedule on step / FIXED_STEPS instead of the clock, so
 # two backends or two machines train the same steps (0, the default: timed). A mode of its own, not a smoke test.

@@ -20,11 +20,13 @@ try:
 except ImportError:
     sys.exit("error: mlx is not installed: run `uv sync --extra mlx`")
 
-from backends import get_hardware_info, get_peak_flops, get_peak_memory_mb, suggest_hyperparameters, sync_device
+from backends.device import get_hardware_info, get_peak_memory_mb, set_compiler_environment, sync_device
+from backends.flops import get_peak_flops
+from backends.memory import suggest_hyperparameters
 from backends.gradcheck import check_gradients, hand_gradient
 from backends.muon_mlx import MuonAdamW
 from backends.record import start_run
-from prepare import FIXED_STEPS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import CACHE_DIR, FIXED_STEPS, MAX_SEQ_LEN, TIME_BUDGET, UNTIMED_STEPS, Tokenizer, evaluate_bpb, make_dataloader
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -409,17 +411,17 @@ class GPT(nn.Module):
 # Hyperparameters (edit these directly, no CLI flags needed)
 # ---------------------------------------------------------------------------
 
-BACKEND = "mlx"
-HW = get_hardware_info(BACKEND)
-TIER = suggest_hyperparameters(HW)  # memory-safe defaults for this machine's tier (python -m backends shows them)
-
 # Model architecture
 ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
 HEAD_DIM = 128          # target head dimension for attention
 WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
 
+BACKEND = "mlx"
+HW = get_hardware_info(BACKEND)
+SUGGESTED = suggest_hyperparameters(HW, ASPECT_RATIO, HEAD_DIM)  # memory-safe for this machine (python -m backends)
+
 # Optimization
-TOTAL_BATCH_SIZE = TIER["total_batch_size"] # tokens per optimizer step (tier default; the original uses 2**19)
+TOTAL_BATCH_SIZE = SUGGESTED["total_batch_size"] # tokens per optimizer step (tier default; the original uses 2**19)
 EMBEDDING_LR = 0.6      # learning rate for token embeddings (Adam)
 UNEMBEDDING_LR = 0.004  # learning rate for lm_head (Adam)
 MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)
@@ -431,8 +433,8 @@ WARMDOWN_RATIO = 0.5    # fraction of the run for LR warmdown
 FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
-DEPTH = TIER["depth"]   # number of transformer layers (tier default; the original uses 8)
-DEVICE_BATCH_SIZE = TIER["device_batch_size"] # per-device batch size (reduce if memory runs short)
+DEPTH = SUGGESTED["depth"]   # number of transformer layers (tier default; the original uses 8)
+DEVICE_BATCH_SIZE = SUGGESTED["device_batch_size"] # per-device batch size (reduce if memory runs short)
 
 # Execution
 COMPILE = True          # mx.compile the training step (forward, backward and optimizer update)
@@ -482,6 +484,7 @@ def evaluate(model, tokenizer, batch_size):
 
 if __name__ == "__main__":
     t_start = time.time()
+    set_compiler_environment(CACHE_DIR)  # before the first compilation and MLX's first GPU operation
     run = start_run(__file__, BACKEND, HW)  # runs.jsonl gets a record of this run, however it ends
     mx.random.seed(42)
     # bf16 compute on the GPU (Metal or CUDA), float32 on MLX's CPU build and on an M1 (no bf16 hardware)
@@ -592,7 +595,7 @@ if __name__ == "__main__":
         t1 = time.time()
         dt = t1 - t0
 
-        if step > 10:
+        if step >= UNTIMED_STEPS:
             total_training_time += dt
 
         # Logging
@@ -617,7 +620,7 @@ if __name__ == "__main__":
         step += 1
 
         # Time's up, but only stop after the warmup steps so compilation is not counted (fixed work: after its steps)
-        if (step >= FIXED_STEPS) if FIXED_STEPS else (step > 10 and total_training_time >= TIME_BUDGET):
+        if (step >= FIXED_STEPS) if FIXED_STEPS else (step >= UNTIMED_STEPS and total_training_time >= TIME_BUDGET):
             break
 
     print()  # newline after the \r training log
@@ -633,7 +636,8 @@ if __name__ == "__main__":
 
     # Final summary
     t_end = time.time()
-    steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - 10) / total_training_time / peak_flops if total_training_time > 0 else 0
+    # step - UNTIMED_STEPS + 1 is the original's count, one step more than were timed: mfu_percent stays the original's
+    steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * (step - UNTIMED_STEPS + 1) / total_training_time / peak_flops if total_training_time > 0 else 0
     peak_vram_mb = get_peak_memory_mb(BACKEND)
 
     # prints the summary block (program.md's contract) and appends this run's record to runs.jsonl

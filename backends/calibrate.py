@@ -8,7 +8,7 @@ still shows as a gain.
 
 import time
 
-import backends
+from backends.device import sync_device
 
 READ_SECONDS = 0.4  # one reading; a run takes two (before and after training), under a second in all
 # A square matmul in the dtype the backend trains in, large enough to keep its compute units busy
@@ -49,14 +49,14 @@ def machine_speed(backend, seconds=READ_SECONDS):
         torch.set_num_threads(1)
     try:
         matmul()  # the first call loads kernels and libraries
-        backends.sync_device(backend)
+        sync_device(backend)
         count, start = 0, time.perf_counter()
         while count == 0 or time.perf_counter() - start < seconds:
             matmul()
             count += 1
             if count % 8 == 0:
-                backends.sync_device(backend)  # a GPU queue stays short: the clock must not run ahead of the work
-        backends.sync_device(backend)
+                sync_device(backend)  # a GPU queue stays short: the clock must not run ahead of the work
+        sync_device(backend)
         return 2 * n ** 3 * products * count / (time.perf_counter() - start) / 1e9
     finally:
         if backend == "cpu":

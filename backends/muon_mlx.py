@@ -1,5 +1,5 @@
 """
-MuonAdamW for MLX: the same optimizer as backends/muon_mps.py (karpathy/autoresearch's train.py),
+MuonAdamW for MLX: the same optimizer as backends/muon_torch.py (karpathy/autoresearch's train.py),
 in MLX idiom. Muon for the 2-D matrices of the transformer blocks, grouped by shape; AdamW for the rest.
 
 param_groups use the PyTorch format, except "params" holds parameter paths as produced by
@@ -23,7 +23,7 @@ import math
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from backends import POLAR_EXPRESS_COEFFS  # shared by both frameworks
+from backends.polar_express import POLAR_EXPRESS_COEFFS
 
 # ---------------------------------------------------------------------------
 # Steps (pure functions: arrays in, new arrays out)

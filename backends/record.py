@@ -28,8 +28,8 @@ import sys
 import time
 import uuid
 
-import backends
 import prepare
+from backends import device
 from backends.calibrate import machine_speed
 from backends.jsonl import append, git
 
@@ -160,7 +160,7 @@ class Run:
 
     def mark_training_start(self):
         """Read swap use and the machine's speed as the timed training begins."""
-        self.swap_start_mb = backends.swap_used_mb()
+        self.swap_start_mb = device.swap_used_mb()
         self._read_machine()
 
     def mark_training_end(self):
@@ -215,7 +215,7 @@ class Run:
         printed = {key: "-" if values[key] is None else format(values[key], fmt) for key, fmt in SUMMARY}
         values = {key: None if values[key] is None else printed[key] if fmt == "s" else
                   (int if fmt == "d" else float)(printed[key]) for key, fmt in SUMMARY}
-        timed_steps = num_steps - 11  # steps 0-10 are not timed (the training loop's rule)
+        timed_steps = num_steps - prepare.UNTIMED_STEPS  # the training loop's rule, from the same constant
         tokens_per_sec = total_tokens_M * 1e6 / num_steps * timed_steps / training_seconds if training_seconds else 0
         try:
             eval_rows, distinct_rows = prepare.evaluation_rows()
@@ -245,7 +245,7 @@ class Run:
     def _swap_growth_mb(self):
         if self.swap_start_mb is None:
             return None
-        now = backends.swap_used_mb()
+        now = device.swap_used_mb()
         return None if now is None else round(max(0.0, now - self.swap_start_mb), 1)
 
     def _write(self, status, **fields):
@@ -271,8 +271,6 @@ def start_run(trainer, backend, hw):
     """Begin the record of a run of `trainer` (the script's __file__) and make sure it is written however the run
     ends: an uncaught exception, SIGTERM, SIGHUP and an exit without a summary are recorded as a crash."""
     run = Run(trainer, backend, hw)
-    backends.keep_compiler_caches(prepare.CACHE_DIR)  # before the first compilation
-    backends.bound_mlx_graph_memory()  # before MLX's first GPU operation
     previous_excepthook = sys.excepthook
 
     def excepthook(kind, value, traceback):

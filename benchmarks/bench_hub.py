@@ -36,9 +36,8 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import backends  # noqa: E402
 import prepare  # noqa: E402
-from backends import record  # noqa: E402
+from backends import device, record  # noqa: E402
 
 HUB_PY = os.path.join(ROOT, "hub.py")
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
@@ -50,7 +49,7 @@ def template_record(folder):
     prepare.data_fingerprint = lambda: "da7a0001"
     prepare.last_evaluation = {"rows": 2560, "distinct_rows": 2560}
     record.machine_speed = lambda backend: 95.0
-    backends.swap_used_mb = lambda: None
+    device.swap_used_mb = lambda: None
     here = os.getcwd()
     os.chdir(folder)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -23,7 +23,8 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
 import train_mlx  # noqa: E402
-from backends import bound_mlx_graph_memory, estimate_memory_gb  # noqa: E402
+from backends.device import bound_mlx_graph_memory  # noqa: E402
+from backends.memory import estimate_memory_gb  # noqa: E402
 from prepare import MAX_SEQ_LEN, VOCAB_SIZE  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def main():
     for depth, batch in configs:
         t0 = time.time()
         peak, tok_per_s = peak_mib_and_tok_per_s(depth, batch, timed)
-        estimate = estimate_memory_gb(depth, batch, backend="mlx", hw=train_mlx.HW) * 1024
+        estimate = estimate_memory_gb(depth, batch, train_mlx.ASPECT_RATIO, train_mlx.HEAD_DIM, backend="mlx",
+                                      hw=train_mlx.HW) * 1024
         speed = f"{tok_per_s:9,.0f}" if tok_per_s else f"{'-':>9s}"
         print(f"{depth:5d} {batch:5d} {peak:10.1f} {estimate:12.1f} {estimate / peak:13.2f} {speed} "
               f"{time.time() - t0:7.1f}", flush=True)

@@ -69,7 +69,7 @@ def main():
     if sys.flags.dont_write_bytecode and not torch_bytecode_cached():  # the trainers inherit the variable
         print("note: PYTHONDONTWRITEBYTECODE is set and torch has no .pyc files, so every run compiles torch's "
               "compiler modules from source (H200: importing torch._dynamo and torch._inductor took 9.7 s, 2.0 s "
-              "with .pyc files). A user's venv writes them once; `uv sync --extra mps --compile-bytecode`, with the "
+              "with .pyc files). A user's venv writes them once; `uv sync --extra torch --compile-bytecode`, with the "
               "extras you installed (a sync without them removes them), writes them here")
     print(f"{'run':8s} {'overhead':>8s} {'startup':>8s} {'eval':>6s} {'training':>8s} {'total':>7s} {'mfu%':>6s} "
           f"{'steps':>5s} {'peak_vram_mb':>12s}")

@@ -16,7 +16,7 @@ os.environ["AUTORESEARCH_CACHE_DIR"] = SESSION_CACHE_DIR
 atexit.register(shutil.rmtree, SESSION_CACHE_DIR, ignore_errors=True)
 
 
-EXTRAS = {"mlx": "mlx", "torch": "mps"}  # the `uv sync --extra` that installs each framework
+EXTRAS = {"mlx": "mlx", "torch": "torch"}  # the `uv sync --extra` that installs each framework
 
 
 def need(name):

@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
+from backends import device, memory
+from backends.__main__ import print_hardware_summary
 from conftest import ROOT
-
-import backends
 
 README = os.path.join(ROOT, "README.md")
 PROGRAM = os.path.join(ROOT, "program.md")
@@ -53,9 +53,9 @@ COMMANDS = {
         ("tests/test_e2e.py::test_fixed_work_runs_n_steps_and_repeats_its_val_bpb_on_a_loaded_machine",),
     "curl -LsSf https://astral.sh/uv/install.sh | sh": (NOT_RUN,),
     "uv sync --extra mlx": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
-    "uv sync --extra mps": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --extra torch": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --extra all": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
-    "uv sync --extra mps --compile-bytecode": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
+    "uv sync --extra torch --compile-bytecode": ("tests/test_docs.py::test_install_commands_resolve_from_the_lockfile",),
     "uv sync --locked --extra all --compile-bytecode": (".ci/run",),
     "uv run prepare.py": ("tests/conftest.py::prepared_cache",),
     "uv run prepare.py --source ~/corpus": ("tests/test_prepare.py::test_source_cli_builds_a_working_cache",),
@@ -309,7 +309,7 @@ def test_install_commands_resolve_from_the_lockfile():
     if uv is None:
         pytest.skip("uv is not on PATH here: the README's install commands cannot be dry-run")
     installs = [c for c in doc_commands(README) if re.fullmatch(r"uv sync --extra \w+( --compile-bytecode)?", c)]
-    assert {c.split()[3] for c in installs} == {"mlx", "mps", "all"}
+    assert {c.split()[3] for c in installs} == {"mlx", "torch", "all"}
     for command in installs:  # --dry-run: resolve and plan only; --locked: never rewrite uv.lock
         result = subprocess.run([uv, *command.split()[1:], "--locked", "--dry-run"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
@@ -328,9 +328,9 @@ def test_python_m_backends_prints_the_fields_the_readme_shows():
     assert result.returncode == 0, result.stderr
     printed = dict(summary_lines(result.stdout))
     assert list(printed) == [key for key, _ in summary_lines(example)]
-    hw = backends.get_hardware_info()
-    config = backends.suggest_hyperparameters(hw)
-    assert printed["backend"] == backends.detect_backend() and printed["tier"] == hw["tier"]
+    hw = device.get_hardware_info()
+    config = memory.suggest_hyperparameters(hw, *memory.trainer_architecture(hw["backend"]))
+    assert printed["backend"] == device.detect_backend() and printed["tier"] == hw["tier"]
     assert [int(printed[k]) for k in config] == list(config.values())
 
     # the README's example is exactly what the code prints for that machine
@@ -339,7 +339,7 @@ def test_python_m_backends_prints_the_fields_the_readme_shows():
            "tier": fields["tier"], "gpu_cores": int(fields["gpu_cores"]), "memory_gb": float(fields["memory_gb"])}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        backends.print_hardware_summary(mac)
+        print_hardware_summary(mac)
     assert out.getvalue().strip() == example.strip()
 
 
@@ -366,16 +366,18 @@ def test_tier_table_is_what_suggest_hyperparameters_returns():
         for backend in backend_cell.split(", "):
             for memory_gb in memories:
                 hw = {"tier": tier, "memory_gb": memory_gb, "backend": backend}
-                config = backends.suggest_hyperparameters(hw)
+                architecture = memory.trainer_architecture(backend)
+                config = memory.suggest_hyperparameters(hw, *architecture)
                 row = (tier, backend, memory_gb)
                 assert config == {"depth": int(depth), "device_batch_size": int(batch),
                                   "total_batch_size": as_int(total)}, row
-                assert f"{backends.estimate_memory_gb(int(depth), int(batch), backend=backend, hw=hw):.1f}" == estimate, row
+                estimated = memory.estimate_memory_gb(int(depth), int(batch), *architecture, backend=backend, hw=hw)
+                assert f"{estimated:.1f}" == estimate, row
         seen.add(tier)
-    assert seen == set(backends.TIER_DEFAULTS)
+    assert seen == set(memory.TIER_DEFAULTS)
     # what the prose around the table says
-    assert backends.TIER_DEFAULTS["cuda"] == (8, 128, 2**19)  # the original's configuration
-    assert backends.memory_fraction({"tier": "max"}) == 0.5 and backends.memory_fraction({"tier": "cuda"}) == 0.85
+    assert memory.TIER_DEFAULTS["cuda"] == (8, 128, 2**19)  # the original's configuration
+    assert memory.memory_fraction({"tier": "max"}) == 0.5 and memory.memory_fraction({"tier": "cuda"}) == 0.85
 
 
 def test_prepare_help_lists_every_option_the_readme_names():
@@ -393,7 +395,7 @@ def test_prepare_help_lists_every_option_the_readme_names():
 
 
 def test_environment_variables_in_the_docs_exist_in_the_code():
-    code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/__init__.py", "hub.py"))
+    code = "".join(read(os.path.join(ROOT, f)) for f in ("prepare.py", "backends/device.py", "hub.py"))
     for path in DOCS:
         for name in set(re.findall(r"\b(?:AUTORESEARCH_[A-Z_]+|HF_ENDPOINT)\b", read(path))):
             assert f'"{name}"' in code, (os.path.basename(path), name)
@@ -581,7 +583,7 @@ def test_program_md_works_on_every_backend():
     program = read(PROGRAM)
     header, rows = markdown_table(section(program, "Setup"), "the run command")
     assert header == ["backend", "when", "the file you edit", "the run command"]
-    assert {row[0].lower() for row in rows} == set(backends.BACKENDS) - {"auto"}
+    assert {row[0].lower() for row in rows} == set(device.BACKENDS) - {"auto"}
     for name, _, trainer, command in rows:
         trainer, command = trainer.strip("`"), command.strip("`")
         assert command.split(" > ")[0].endswith(f"uv run {trainer}") and trainer == (

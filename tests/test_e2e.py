@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import backends
-from backends import record
+from backends import memory, record
+from prepare import UNTIMED_STEPS
 from conftest import MLX_ON_CPU, ROOT, SMOKE_ENV, after_line, edited_copy, model_size, need, run_script
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
@@ -77,7 +77,7 @@ def check_summary(log_path, backend, untrained):
     assert grep("^---$", log_path).strip() == "---"
     val_bpb = float(grep("^val_bpb:", log_path).split()[1])
     assert math.isfinite(val_bpb) and 0 < val_bpb < untrained, (val_bpb, untrained)
-    assert int(values["num_steps"]) > 10  # warmup steps 0-10 are not timed, so a run always makes at least 11
+    assert int(values["num_steps"]) >= UNTIMED_STEPS  # the untimed steps always run: the budget starts after them
     assert float(values["training_seconds"]) >= float(SMOKE_ENV["AUTORESEARCH_TIME_BUDGET"])
     assert float(values["peak_vram_mb"]) > 0
     assert values["backend"] == backend
@@ -90,7 +90,7 @@ def check_summary(log_path, backend, untrained):
     # every step trains on TOTAL_BATCH_SIZE tokens (the CPU tier's 2048, the GPU tier's where MLX's CUDA build runs):
     # a short run must not print 0.0
     tier = re.search(r"\| tier: (\w+)", open(log_path).read()).group(1)
-    total_batch_size = backends.TIER_DEFAULTS[backends._tier_key({"backend": backend, "tier": tier})][2]
+    total_batch_size = memory.TIER_DEFAULTS[memory._tier_key({"backend": backend, "tier": tier})][2]
     assert float(values["total_tokens_M"]) == pytest.approx(int(values["num_steps"]) * total_batch_size / 1e6, abs=5e-4)
 
     # the run's record: one line in runs.jsonl, complete, holding what the summary printed

@@ -13,10 +13,9 @@ import time
 
 import pytest
 
-import backends
 import hub
 import prepare
-from backends import record
+from backends import device, record
 from conftest import ROOT, python_env
 from test_docs import FLEET_DOC, PROGRAM, doc_commands, fenced_blocks, read, section
 
@@ -36,7 +35,7 @@ def recording(monkeypatch):
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "evaluation_rows", lambda: (2, 2))
-    monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
+    monkeypatch.setattr(device, "swap_used_mb", lambda: None)
     monkeypatch.setattr(record, "machine_speed", lambda backend: 100.0)
     return monkeypatch
 

@@ -1,5 +1,5 @@
 """
-MuonAdamW contracts, for both backends/muon_mps.py (PyTorch) and backends/muon_mlx.py (MLX):
+MuonAdamW contracts, for both backends/muon_torch.py (PyTorch) and backends/muon_mlx.py (MLX):
 - each step equals a float64 NumPy reference written from the formulas of karpathy/autoresearch's
   train.py (max relative error <= 1e-5 in float32), for tall, wide and square Muon groups and for
   each AdamW group kind, over one step and over several steps with a changing schedule;
@@ -23,7 +23,7 @@ import mlx.nn as nn
 import torch
 from mlx.utils import tree_flatten
 
-from backends import muon_mlx, muon_mps
+from backends import muon_mlx, muon_torch
 
 TOL = 1e-5
 
@@ -145,7 +145,7 @@ def run_reference(params, grads, schedule, bf16_names=()):
 def run_torch(params, grads, schedule, bf16_names=()):
     dtype = lambda k: torch.bfloat16 if k in bf16_names else torch.float32
     tensors = {k: torch.nn.Parameter(torch.tensor(v, dtype=dtype(k))) for k, v in params.items()}
-    opt = muon_mps.MuonAdamW(param_groups(tensors.__getitem__))
+    opt = muon_torch.MuonAdamW(param_groups(tensors.__getitem__))
     history = []
     for step, g in enumerate(grads):
         for k, t in tensors.items():
@@ -201,7 +201,7 @@ def assert_close(got_history, want_history, params):
 # ---------------------------------------------------------------------------
 
 def test_coefficients_match_the_original():
-    assert muon_mps.POLAR_EXPRESS_COEFFS == POLAR_EXPRESS
+    assert muon_torch.POLAR_EXPRESS_COEFFS == POLAR_EXPRESS
     assert muon_mlx.POLAR_EXPRESS_COEFFS == POLAR_EXPRESS
 
 

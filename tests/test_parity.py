@@ -18,6 +18,7 @@ import torch
 from mlx.utils import tree_flatten
 
 import prepare
+from backends import memory
 import train
 import train_mlx
 from corpus import reference_bpb
@@ -65,8 +66,26 @@ def test_same_sizes_and_flops(depth):
     mm = train_mlx.GPT(mconf)
     assert tm.num_scaling_params() == mm.num_scaling_params()
     assert tm.estimate_flops() == mm.estimate_flops()
+    # the memory model counts the same parameters, from the trainer's own architecture
+    gate = tm.transformer.h[-1].attn.ve_gate_channels  # the last layer always has a value embedding
+    assert memory.count_parameters(depth, train.ASPECT_RATIO, train.HEAD_DIM, 8192, gate) == \
+        tm.num_scaling_params()["total"]
     torch_shapes = {k: tuple(v.shape) for k, v in tm.state_dict().items()}
     assert torch_shapes == {k: tuple(v.shape) for k, v in tree_flatten(mm.parameters())}
+
+
+@pytest.mark.parametrize("depth", [2, 6])
+def test_the_memory_model_follows_an_edited_architecture(depth, monkeypatch):
+    """An agent that edits ASPECT_RATIO or HEAD_DIM in its trainer gets estimates of the model it built."""
+    for module in (train, train_mlx):
+        monkeypatch.setattr(module, "ASPECT_RATIO", 96)
+        monkeypatch.setattr(module, "HEAD_DIM", 64)
+    with torch.device("meta"):
+        tm = train.GPT(train.build_model_config(depth, 8192))
+    mm = train_mlx.GPT(train_mlx.build_model_config(depth, 8192))
+    gate = tm.transformer.h[-1].attn.ve_gate_channels
+    for model in (tm, mm):
+        assert memory.count_parameters(depth, 96, 64, 8192, gate) == model.num_scaling_params()["total"]
 
 
 INIT_CONFIG = dict(TINY, vocab_size=2048, n_embd=256)
@@ -284,7 +303,7 @@ def test_every_hyperparameter_constant_is_the_same_in_both_trainers():
     assert ours == theirs
     assert {"EMBEDDING_LR", "MATRIX_LR", "ADAM_BETAS", "WARMDOWN_RATIO", "DEPTH", "TOTAL_BATCH_SIZE"} <= set(ours)
     for name in ours:  # and the values they evaluate to (the tier's rows on this machine may differ by backend)
-        if "TIER" not in ours[name] and name not in ("HW", "TIER"):
+        if "SUGGESTED" not in ours[name] and name not in ("HW", "SUGGESTED"):
             assert getattr(train, name) == getattr(train_mlx, name), name
 
 

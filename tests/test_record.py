@@ -1,6 +1,7 @@
 """backends/record.py: the summary block both trainers print and the record of every run in runs.jsonl, the swap
 watchdog (readings injected through backends' probes), the harness fingerprint, and the record a run leaves when it
 fails, crashes or is killed. The trainers' own runs are checked in test_e2e.py."""
+import ast
 import importlib.util
 import json
 import os
@@ -13,13 +14,12 @@ import textwrap
 
 import pytest
 
-import backends
 import prepare
-from backends import record
+from backends import device, record
 from conftest import ROOT, need, python_env
 
 HW = {"chip": "Test Chip"}
-SWAP_USED_MB = backends.swap_used_mb
+SWAP_USED_MB = device.swap_used_mb
 VALUES = dict(val_bpb=1.2345678, training_seconds=300.04, total_seconds=400.26, peak_vram_mb=1234.56,
               mfu_percent=12.345, total_tokens_M=0.04096, num_steps=20, num_params_M=3.456, depth=2,
               eval_seconds=30.11)
@@ -39,7 +39,7 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "SMOKE_KNOBS", [])
     monkeypatch.setattr(prepare, "SMOKE_TEST_WARNING", None)
     monkeypatch.setattr(prepare, "evaluation_rows", lambda: (2560, 2560))
-    monkeypatch.setattr(backends, "swap_used_mb", lambda: None)
+    monkeypatch.setattr(device, "swap_used_mb", lambda: None)
     def unprepared():  # whether another test prepared the session's cache or not
         raise prepare.PrepareError("error: no data")
     monkeypatch.setattr(prepare, "data_fingerprint", unprepared)
@@ -110,7 +110,7 @@ def test_the_record_holds_what_the_summary_printed(in_tmp, capsys):
     assert rec["smoke"] == [] and rec["warnings"] == [] and rec["swap_mb"] is None and rec["swapped"] is False
     assert rec["fixed_steps"] == 0  # timed
     assert rec["eval_rows"] == rec["eval_distinct_rows"] == 2560
-    assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - 11) / 300.0)  # steps 0-10 are not timed
+    assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - prepare.UNTIMED_STEPS) / 300.0)  # steps 0-10: untimed
     assert rec["time"][:4].isdigit() and rec["total_seconds"] == 400.3
     assert set(rec) >= {"commit", "branch", "dirty", "backend", "chip"} and re.fullmatch(r"[0-9a-f]{12}", rec["id"])
     assert rec["machine_speeds"] == [100.0, 90.0] and rec["machine_speed"] == 95.0
@@ -179,34 +179,34 @@ def meminfo(total_kb, free_kb):
 def fake_swap(monkeypatch, platform, readings):
     """Replace backends' probes so that successive swap readings return `readings` (MiB used)."""
     readings = iter(readings)
-    monkeypatch.setattr(backends, "_platform", lambda: platform)
+    monkeypatch.setattr(device, "_platform", lambda: platform)
     if platform == "darwin":
-        monkeypatch.setattr(backends, "_run", lambda *args: f"total = 4096.00M  used = {next(readings):.2f}M  "
+        monkeypatch.setattr(device, "_run", lambda *args: f"total = 4096.00M  used = {next(readings):.2f}M  "
                                                             f"free = 1.00M  (encrypted)\n")
     else:
-        monkeypatch.setattr(backends, "_read_file", lambda path: meminfo(8 * 2**20, 8 * 2**20 - round(next(readings) * 1024)))
+        monkeypatch.setattr(device, "_read_file", lambda path: meminfo(8 * 2**20, 8 * 2**20 - round(next(readings) * 1024)))
 
 
 @pytest.mark.parametrize("platform", ["darwin", "linux"])
 def test_swap_used_mb_reads_the_platform_probe(monkeypatch, platform):
     fake_swap(monkeypatch, platform, [1034.25])
-    assert backends.swap_used_mb() == pytest.approx(1034.25)
+    assert device.swap_used_mb() == pytest.approx(1034.25)
 
 
 def test_swap_used_mb_in_gigabytes_and_when_unreadable(monkeypatch):
-    monkeypatch.setattr(backends, "_platform", lambda: "darwin")
-    monkeypatch.setattr(backends, "_run", lambda *args: "total = 2.00G  used = 1.50G  free = 0.50G\n")
-    assert backends.swap_used_mb() == 1536
-    monkeypatch.setattr(backends, "_run", lambda *args: "")
-    assert backends.swap_used_mb() is None
-    monkeypatch.setattr(backends, "_platform", lambda: "linux")
-    monkeypatch.setattr(backends, "_read_file", lambda path: "")
-    assert backends.swap_used_mb() is None
+    monkeypatch.setattr(device, "_platform", lambda: "darwin")
+    monkeypatch.setattr(device, "_run", lambda *args: "total = 2.00G  used = 1.50G  free = 0.50G\n")
+    assert device.swap_used_mb() == 1536
+    monkeypatch.setattr(device, "_run", lambda *args: "")
+    assert device.swap_used_mb() is None
+    monkeypatch.setattr(device, "_platform", lambda: "linux")
+    monkeypatch.setattr(device, "_read_file", lambda path: "")
+    assert device.swap_used_mb() is None
 
 
 @pytest.mark.parametrize("platform", ["darwin", "linux"])
 def test_swap_growth_during_training_is_a_warning_and_flags_the_record(in_tmp, monkeypatch, capsys, platform):
-    monkeypatch.setattr(backends, "swap_used_mb", SWAP_USED_MB)  # the real reader, of the fake probes below
+    monkeypatch.setattr(device, "swap_used_mb", SWAP_USED_MB)  # the real reader, of the fake probes below
     fake_swap(monkeypatch, platform, [512.0, 1536.0])
     run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
     run.mark_training_start()
@@ -220,7 +220,7 @@ def test_swap_growth_during_training_is_a_warning_and_flags_the_record(in_tmp, m
 
 def test_a_few_mb_of_swap_is_recorded_but_not_a_warning(in_tmp, monkeypatch, capsys):
     readings = iter([100.0, 100.0 + record.SWAP_WARN_MB - 1])
-    monkeypatch.setattr(backends, "swap_used_mb", lambda: next(readings))
+    monkeypatch.setattr(device, "swap_used_mb", lambda: next(readings))
     run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
     run.mark_training_start()
     run.mark_training_end()
@@ -394,11 +394,48 @@ def test_a_second_sigterm_while_the_first_is_recorded_does_not_lose_the_record(t
     assert record["status"] == "crash" and "SIGTERM" in record["error"]
 
 
-def test_a_run_bounds_mlx_cuda_graphs_before_the_first_gpu_operation(tmp_path, monkeypatch):
-    # start_run is the trainers' first call after their imports; MLX reads the variable at its first GPU operation
+def test_start_run_leaves_the_environment_alone(tmp_path, monkeypatch):
+    # the trainers set the compilers' environment themselves, before start_run (the test below)
     monkeypatch.delenv("MLX_MAX_MB_PER_BUFFER", raising=False)
-    returncode, out, _ = run_trainer(tmp_path, "import os; print(os.environ.get('MLX_MAX_MB_PER_BUFFER'))")
-    assert out.split("\n")[1] == (str(backends.MLX_GRAPH_MB) if sys.platform != "darwin" else "None")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    returncode, out, _ = run_trainer(tmp_path, "import os; print(os.environ.get('MLX_MAX_MB_PER_BUFFER'), "
+                                               "os.environ.get('TORCHINDUCTOR_CACHE_DIR'))")
+    assert out.split("\n")[1] == "None None"
+
+
+def main_block(trainer):
+    with open(os.path.join(ROOT, trainer)) as f:
+        (main,) = [node for node in ast.parse(f.read()).body
+                   if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    return main
+
+
+@pytest.mark.parametrize("trainer", ["train.py", "train_mlx.py"])
+def test_the_trainers_set_the_compilers_environment_before_anything_compiles(trainer):
+    # the compilers and MLX read these variables once, at the first compilation and MLX's first GPU operation
+    assert [ast.unparse(s) for s in main_block(trainer).body[:3]] == [
+        "t_start = time.time()", "set_compiler_environment(CACHE_DIR)", "run = start_run(__file__, BACKEND, HW)"]
+
+
+@pytest.mark.parametrize("trainer", ["train.py", "train_mlx.py"])
+def test_the_training_loop_times_the_steps_the_record_counts(trainer):
+    # the record's tokens_per_sec divides by the steps the loop timed: both take the rule from prepare.UNTIMED_STEPS
+    main = main_block(trainer)
+    timing = [ast.unparse(n.test) for n in ast.walk(main) if isinstance(n, ast.If)
+              and any(ast.unparse(s) == "total_training_time += dt" for s in n.body)]
+    assert timing == ["step >= UNTIMED_STEPS"]
+    literals = [ast.unparse(n) for n in ast.walk(main) if isinstance(n, (ast.Compare, ast.BinOp))
+                and "step" in ast.unparse(n) and any(isinstance(c, ast.Constant) and c.value in (10, 11)
+                                                     for c in ast.walk(n))]
+    assert literals == []  # no step count of its own beside the constant
+
+
+def test_tokens_per_sec_follows_the_untimed_steps(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(prepare, "UNTIMED_STEPS", 5)
+    run = record.Run(os.path.join(ROOT, "train.py"), "cpu", HW)
+    run.summary(**VALUES)
+    (rec,) = runs(in_tmp)
+    assert rec["tokens_per_sec"] == round(40960 / 20 * (20 - 5) / 300.0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])

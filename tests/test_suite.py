@@ -1,5 +1,5 @@
 """The suite itself: no test assumes the machine it runs on. The README's CPU/NVIDIA quick start installs PyTorch
-alone (`uv sync --extra mps`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
+alone (`uv sync --extra torch`), a Mac may have MLX alone, and an NVIDIA box may find MLX's CUDA build and rustbpe
 through PYTHONPATH (`pip install --target`); the suite must collect and run on each, skipping by name what needs a
 framework that is not there."""
 import importlib.util
@@ -95,7 +95,7 @@ def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
     that is there, so no warning about a missing torch lands in the output the tests read."""
     need("mlx")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_record.py",
-                             "-k", "sigterm or bounds_mlx"], cwd=ROOT, env=hiding(tmp_path, "torch"),
+                             "-k", "sigterm or leaves_the_environment"], cwd=ROOT, env=hiding(tmp_path, "torch"),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]

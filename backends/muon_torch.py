@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from backends import POLAR_EXPRESS_COEFFS  # shared by both frameworks
+from backends.polar_express import POLAR_EXPRESS_COEFFS
 
 # Newton-Schulz dtype on CUDA: bf16 as the original (tensor cores, and the iteration tolerates it there).
 # Everywhere else float32: CPUs have no fast bf16 matmul, and on Apple GPUs half-precision paths have
