@@ -90,12 +90,14 @@ def test_a_session_fixture_that_writes_into_the_repository_fails_the_run(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_run_record_tests_pass_with_mlx_alone(tmp_path):
-    """A Mac may have MLX and no PyTorch: test_record's tiny trainers read the machine's speed with the framework
-    that is there, so no warning about a missing torch lands in the output the tests read."""
-    need("mlx")
+@pytest.mark.parametrize("alone, hidden", [("mlx", "torch"), ("torch", "mlx")])
+def test_the_run_record_tests_pass_with_one_framework(tmp_path, alone, hidden):
+    """A Mac may have MLX and no PyTorch, a Linux machine PyTorch and no MLX: test_record's tiny trainers read the
+    machine's speed with the framework that is there, so no warning about a missing one lands in the output the
+    tests read."""
+    need(alone)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_record.py",
-                             "-k", "sigterm or leaves_the_environment"], cwd=ROOT, env=hiding(tmp_path, "torch"),
+                             "-k", "sigterm or leaves_the_environment"], cwd=ROOT, env=hiding(tmp_path, hidden),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "4 passed" in result.stdout, result.stdout[-3000:]
