@@ -273,7 +273,7 @@ def test_both_trainers_on_the_cpu_follow_one_curve_end_to_end(prepared_cache, tm
     everything but the weights as shipped (loop, schedules, step), agree closely. MLX's step runs uncompiled: on its
     CPU build mx.compile builds C++ kernels for minutes (over 20 on a loaded 2-core machine); the compiled step is
     test_e2e's (traced once) and the mlx_run fixture's."""
-    runs = trainers_side_by_side(tmp_path, depth=2, rows=1, steps=12, eval_rows=2, env={"AUTORESEARCH_BACKEND": "cpu"},
+    runs = trainers_side_by_side(tmp_path, depth=2, rows=1, steps=6, eval_rows=2, env={"AUTORESEARCH_BACKEND": "cpu"},
                                  mlx_edits=[MLX_ON_CPU, ("COMPILE = True", "COMPILE = False")])
     compare_curves(runs, curve_bound=1e-3, bpb_bound=1e-3)
 
