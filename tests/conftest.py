@@ -1,4 +1,5 @@
 """Shared test setup. No test may touch the real cache: point it at a throwaway folder before anything imports prepare."""
+import ast
 import atexit
 import importlib
 import os
@@ -139,6 +140,14 @@ def model_size(script, depth, rows, micro_batches, seq_len=None):
             (trainer_line(script, "DEVICE_BATCH_SIZE = "), f"DEVICE_BATCH_SIZE = {rows}"),
             (trainer_line(script, "TOTAL_BATCH_SIZE = "),
              f"TOTAL_BATCH_SIZE = {rows * micro_batches * (seq_len or prepare.MAX_SEQ_LEN)}")]
+
+
+def main_block(script):
+    """The `if __name__ == "__main__":` block of a trainer (its path), as syntax: what runs when it trains."""
+    with open(script) as f:
+        (main,) = [node for node in ast.parse(f.read()).body
+                   if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    return main
 
 
 MLX_ON_CPU = ('BACKEND = "mlx"', 'BACKEND = "mlx"\nmx.set_default_device(mx.cpu)')  # also on a machine with a GPU

@@ -8,7 +8,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from conftest import need
+from conftest import main_block, need
 
 need("mlx")  # before the imports below: a framework that is not installed skips this module, naming its extra
 need("torch")
@@ -339,13 +339,8 @@ def test_every_schedule_agrees_over_its_whole_range(settings, monkeypatch):
         assert train.get_muon_momentum(step) == train_mlx.get_muon_momentum(step), step
 
 
-def main_block(module):
-    (main,) = [n for n in syntax(module).body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
-    return main
-
-
 def training_loop(module):
-    (loop,) = [n for n in ast.walk(main_block(module)) if isinstance(n, ast.While)]
+    (loop,) = [n for n in ast.walk(main_block(module.__file__)) if isinstance(n, ast.While)]
     return loop
 
 
@@ -367,14 +362,14 @@ def test_the_training_loop_is_the_same_statements_in_both_trainers():
         assert len(statements) - len(loops[file]) == len(LOOP_FRAMEWORK_ONLY[file]), file
     assert loops["train.py"] == loops["train_mlx.py"]
     assert any("optimizer.set_schedule(" in s for s in loops["train.py"])
-    after = {file: [ast.unparse(s) for s in main_block(module).body if ast.unparse(s).startswith(AFTER_LOOP)]
+    after = {file: [ast.unparse(s) for s in main_block(module.__file__).body if ast.unparse(s).startswith(AFTER_LOOP)]
              for file, module in TWINS.items()}
     assert after["train.py"] == after["train_mlx.py"] and len(after["train.py"]) == len(AFTER_LOOP)
 
 
 def main_call(module, method):
     """The keyword arguments of the main part's call of `method`, evaluated among the module's constants."""
-    (call,) = [n for n in ast.walk(main_block(module)) if isinstance(n, ast.Call)
+    (call,) = [n for n in ast.walk(main_block(module.__file__)) if isinstance(n, ast.Call)
                and isinstance(n.func, ast.Attribute) and n.func.attr == method]
     assert not call.args, "keywords only: a swapped positional argument would read the same"
     return {kw.arg: eval(compile(ast.Expression(kw.value), module.__file__, "eval"), vars(module))

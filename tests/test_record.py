@@ -16,7 +16,7 @@ import pytest
 
 import prepare
 from backends import device, record
-from conftest import ROOT, need, python_env
+from conftest import ROOT, main_block, need, python_env
 
 HW = {"chip": "Test Chip"}
 SWAP_USED_MB = device.swap_used_mb
@@ -404,24 +404,17 @@ def test_start_run_leaves_the_environment_alone(tmp_path, monkeypatch):
     assert out.split("\n")[1] == "None None"
 
 
-def main_block(trainer):
-    with open(os.path.join(ROOT, trainer)) as f:
-        (main,) = [node for node in ast.parse(f.read()).body
-                   if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
-    return main
-
-
 @pytest.mark.parametrize("trainer", ["train.py", "train_mlx.py"])
 def test_the_trainers_set_the_compilers_environment_before_anything_compiles(trainer):
     # the compilers and MLX read these variables once, at the first compilation and MLX's first GPU operation
-    assert [ast.unparse(s) for s in main_block(trainer).body[:3]] == [
+    assert [ast.unparse(s) for s in main_block(os.path.join(ROOT, trainer)).body[:3]] == [
         "t_start = time.time()", "set_compiler_environment(CACHE_DIR)", "run = start_run(__file__, BACKEND, HW)"]
 
 
 @pytest.mark.parametrize("trainer", ["train.py", "train_mlx.py"])
 def test_the_training_loop_times_the_steps_the_record_counts(trainer):
     # the record's tokens_per_sec divides by the steps the loop timed: both take the rule from prepare.UNTIMED_STEPS
-    main = main_block(trainer)
+    main = main_block(os.path.join(ROOT, trainer))
     timing = [ast.unparse(n.test) for n in ast.walk(main) if isinstance(n, ast.If)
               and any(ast.unparse(s) == "total_training_time += dt" for s in n.body)]
     assert timing == ["step >= UNTIMED_STEPS"]
