@@ -22,8 +22,8 @@ except ImportError:
 
 from backends.device import get_hardware_info, get_peak_memory_mb, set_compiler_environment, sync_device
 from backends.flops import get_peak_flops
-from backends.memory import suggest_hyperparameters
 from backends.gradcheck import check_gradients, hand_gradient
+from backends.memory import suggest_hyperparameters
 from backends.muon_mlx import MuonAdamW
 from backends.record import start_run
 from prepare import CACHE_DIR, FIXED_STEPS, MAX_SEQ_LEN, TIME_BUDGET, UNTIMED_STEPS, Tokenizer, evaluate_bpb, make_dataloader

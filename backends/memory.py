@@ -163,7 +163,8 @@ def suggest_hyperparameters(hw, aspect_ratio, head_dim):
     depth, batch, total = TIER_DEFAULTS.get(_tier_key(hw), TIER_DEFAULTS["cpu"])
     backend = hw.get("backend", "mps")
     budget = memory_budget_gb(hw)
-    while estimate_memory_gb(depth, batch, aspect_ratio, head_dim, backend=backend, hw=hw) > budget and (batch > 1 or depth > 1):
+    while (estimate_memory_gb(depth, batch, aspect_ratio, head_dim, backend=backend, hw=hw) > budget
+           and (batch > 1 or depth > 1)):
         if batch > 1:
             batch //= 2
         else:
